@@ -1,0 +1,1 @@
+"""The replicated state machine of a kmsd cluster and its bridge to pysyncobj."""

@@ -1,0 +1,177 @@
+"""pysyncobj behind a small asyncio interface: submit a command, await its result.
+
+pysyncobj runs in its own tick thread. `RaftNode.submit` turns a replicated
+call into an awaitable resolved on the event loop with
+`loop.call_soon_threadsafe`, with a timeout on every call (pysyncobj has none
+for asynchronous calls and queues commands indefinitely while there is no
+leader). Nothing here blocks the event loop on Raft.
+
+Configuration choices and why (see FACTS.md §0, §B):
+- `password` is always set: the Raft port speaks pickle, and without it any
+  peer that reaches the port can read the state, add a member or run code.
+- `appendEntriesUseBatch=False`: otherwise every synchronous commit waits one
+  `appendEntriesPeriod` (~100 ms).
+- replicated state lives in a `SyncObjConsumer` built before `SyncObj`, so a
+  restored snapshot is never overwritten by late initialisation.
+- `leaderFallbackTimeout` lowered from 30 s so a partitioned leader steps down
+  within seconds.
+- `useFork=False`: the snapshot is small msgpack; forking a process that holds
+  a PKCS#11 session and sockets buys nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+
+from cluster import commands
+from cluster.state import ApplyResult, KmsState
+
+AppliedListener = Callable[[commands.Command, ApplyResult], None]
+
+_FAIL_NAMES = {value: name for name, value in vars(FAIL_REASON).items() if name.isupper()}
+
+
+class RaftUnavailable(Exception):
+    """The command was not committed (no leader, no quorum, timeout); it may be retried."""
+
+
+class _ReplicatedKmsState(SyncObjConsumer):
+    def __init__(self, state: KmsState, listener: AppliedListener) -> None:
+        super().__init__()
+        self._kms_state = state
+        self._listener = listener
+
+    @replicated
+    def apply_command(self, packed: bytes) -> ApplyResult | None:
+        try:
+            command = commands.decode(packed)
+        except commands.CommandDecodeError:
+            # Every replica refuses the same entry the same way.
+            return None
+        result = self._kms_state.apply(command)
+        self._listener(command, result)
+        return result
+
+    def _serialize(self) -> bytes:
+        return self._kms_state.to_snapshot()
+
+    def _deserialize(self, data: bytes) -> None:
+        self._kms_state.restore_snapshot(data)
+
+
+@dataclass(frozen=True)
+class RaftSettings:
+    self_address: str
+    peer_addresses: tuple[str, ...]
+    data_dir: str
+    password: str
+    leader_fallback_timeout: float = 3.0
+    commit_timeout: float = 5.0
+
+
+class RaftNode:
+    def __init__(self, settings: RaftSettings, state: KmsState,
+                 listener: AppliedListener | None = None) -> None:
+        self.settings = settings
+        self.state = state
+        self._consumer = _ReplicatedKmsState(state, listener or (lambda _c, _r: None))
+        self._syncobj: SyncObj | None = None
+        self._status_lock = threading.Lock()
+
+    def start(self) -> None:
+        os.makedirs(self.settings.data_dir, exist_ok=True)
+        conf = SyncObjConf(
+            password=self.settings.password,
+            journalFile=os.path.join(self.settings.data_dir, "raft.journal"),
+            fullDumpFile=os.path.join(self.settings.data_dir, "raft.snapshot"),
+            appendEntriesUseBatch=False,
+            leaderFallbackTimeout=self.settings.leader_fallback_timeout,
+            dynamicMembershipChange=True,
+            useFork=False,
+        )
+        self._syncobj = SyncObj(self.settings.self_address, list(self.settings.peer_addresses),
+                                conf=conf, consumers=[self._consumer])
+
+    def stop(self) -> None:
+        if self._syncobj is not None:
+            self._syncobj.destroy()
+            self._syncobj = None
+
+    async def submit(self, command: commands.Command,
+                     timeout: float | None = None) -> ApplyResult:
+        """Commit `command` through Raft and return its result as applied on this node."""
+        if self._syncobj is None:
+            raise RaftUnavailable("raft node is not running")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ApplyResult] = loop.create_future()
+
+        def resolve(result: Any, error: int) -> None:  # runs on the pysyncobj tick thread
+            def settle() -> None:
+                if future.done():
+                    return
+                if error == FAIL_REASON.SUCCESS and result is not None:
+                    future.set_result(result)
+                elif error == FAIL_REASON.SUCCESS:
+                    future.set_exception(RaftUnavailable("command refused by every replica"))
+                else:
+                    future.set_exception(RaftUnavailable(_FAIL_NAMES.get(error, str(error))))
+            loop.call_soon_threadsafe(settle)
+
+        self._consumer.apply_command(commands.encode(command), callback=resolve)
+        try:
+            return await asyncio.wait_for(future, timeout or self.settings.commit_timeout)
+        except TimeoutError as exc:
+            raise RaftUnavailable("commit timed out") from exc
+
+    async def barrier(self, timeout: float | None = None) -> None:
+        """Return once this node has applied every entry committed before the call."""
+        await self.submit(commands.Barrier(), timeout)
+
+    @property
+    def is_leader(self) -> bool:
+        return self._syncobj is not None and self._syncobj._isLeader()
+
+    def status(self) -> dict[str, Any]:
+        if self._syncobj is None:
+            return {"state": "stopped"}
+        # getStatus iterates dicts the tick thread mutates; retry the rare race.
+        for _ in range(5):
+            try:
+                raw = self._syncobj.getStatus()
+                break
+            except RuntimeError:
+                continue
+        else:
+            return {"state": "unknown"}
+        roles = {0: "follower", 1: "candidate", 2: "leader"}
+        leader = raw.get("leader")
+        partners = {key.removeprefix("partner_node_status_server_"): value == 2
+                    for key, value in raw.items()
+                    if key.startswith("partner_node_status_server_")}
+        match = {key.removeprefix("match_idx_server_"): value for key, value in raw.items()
+                 if key.startswith("match_idx_server_")}
+        return {
+            "self": str(raw["self"]),
+            "role": roles.get(raw["state"], str(raw["state"])),
+            "leader": str(leader) if leader is not None else None,
+            "has_quorum": bool(raw["has_quorum"]),
+            "term": raw["raft_term"],
+            "commit_index": raw["commit_idx"],
+            "applied_index": raw["last_applied"],
+            "leader_commit_index": raw["leader_commit_idx"],
+            "log_length": raw["log_len"],
+            "partners_connected": partners,
+            "match_index": match,
+            "uptime_seconds": raw["uptime"],
+        }
+
+    @property
+    def has_leader(self) -> bool:
+        return self._syncobj is not None and self._syncobj._getLeader() is not None

@@ -1,0 +1,1 @@
+"""kmsd: an HSM-backed, Raft-replicated key management service speaking the AWS KMS API."""

@@ -1,0 +1,36 @@
+"""The protocol table: `TrentService.<Op>` to the service function that serves it.
+
+Every operation of the KMS model that is not listed here is answered with
+UnsupportedOperationException naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from kmsd.service import aliases, crypto, keys
+from kmsd.service.context import RequestContext
+from kmsd.service.core import ServiceCore
+
+Handler = Callable[[ServiceCore, RequestContext, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+OPERATIONS: dict[str, Handler] = {
+    "CreateKey": keys.create_key,
+    "DescribeKey": keys.describe_key,
+    "ListKeys": keys.list_keys,
+    "EnableKey": keys.enable_key,
+    "DisableKey": keys.disable_key,
+    "Encrypt": crypto.encrypt,
+    "Decrypt": crypto.decrypt,
+    "GenerateDataKey": crypto.generate_data_key,
+    "GenerateDataKeyWithoutPlaintext": crypto.generate_data_key_without_plaintext,
+    "GenerateRandom": crypto.generate_random,
+    "CreateAlias": aliases.create_alias,
+    "UpdateAlias": aliases.update_alias,
+    "DeleteAlias": aliases.delete_alias,
+    "ListAliases": aliases.list_aliases,
+}
+
+# Operations that only read; everything else is a write or a use of a key.
+READ_ONLY = frozenset({"DescribeKey", "ListKeys", "ListAliases"})

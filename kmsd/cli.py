@@ -1,0 +1,115 @@
+"""The `kmsd` command: serve a node, run a dev cluster, prepare an HSM token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+
+from kmsd import config as config_module
+from kmsd import log_setup
+
+
+def _open_partition(config_path: str):  # -> HsmPartition
+    from kmsd.hsm.partition import HsmPartition
+
+    cfg = config_module.load(config_path)
+    if cfg.softhsm2_conf:
+        os.environ["SOFTHSM2_CONF"] = cfg.softhsm2_conf
+    return HsmPartition(cfg.hsm_module, cfg.token_label, cfg.pin.read("HSM PIN"))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kmsd.node import serve
+
+    cfg = config_module.load(args.config)
+    log_setup.configure(cfg.node_id)
+    asyncio.run(serve(cfg))
+    return 0
+
+
+def _cmd_dev(args: argparse.Namespace) -> int:
+    from kmsd.dev.cluster import DevClusterOptions, run_dev_cluster
+
+    regions = tuple(r.strip() for r in args.region.split(",") if r.strip())
+    return run_dev_cluster(DevClusterOptions(
+        nodes=args.nodes, data_dir=args.data_dir, base_port=args.port,
+        account_id=args.account_id, regions=regions, access_key_id=args.access_key_id,
+        secret_access_key=args.secret_access_key))
+
+
+def _cmd_hsm(args: argparse.Namespace) -> int:
+    from kmsd.hsm import domain_clone
+
+    partition = _open_partition(args.config)
+    try:
+        if args.hsm_command == "init-domain-key":
+            partition.create_domain_key()
+            print(json.dumps({"domain_key_check": partition.domain_key_check_value()}))
+        elif args.hsm_command == "check-value":
+            print(json.dumps({"domain_key_check": partition.domain_key_check_value()}))
+        elif args.hsm_command == "transport-key":
+            print(json.dumps({"point": domain_clone.make_transport_key(partition).hex()}))
+        elif args.hsm_command == "wrap-domain-key":
+            point, wrapped = domain_clone.wrap_domain_key_for(partition, bytes.fromhex(args.to))
+            print(json.dumps({"point": point.hex(), "wrapped": wrapped.hex(),
+                              "domain_key_check": partition.domain_key_check_value()}))
+        elif args.hsm_command == "accept-domain-key":
+            domain_clone.accept_domain_key(partition, bytes.fromhex(args.donor_point),
+                                           bytes.fromhex(args.wrapped))
+            print(json.dumps({"domain_key_check": partition.domain_key_check_value()}))
+    finally:
+        partition.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kmsd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run one node")
+    serve.add_argument("--config", required=True)
+    serve.set_defaults(func=_cmd_serve)
+
+    dev = sub.add_parser("dev", help="run a local cluster with SoftHSM2 tokens")
+    dev.add_argument("--nodes", type=int, default=3)
+    dev.add_argument("--data-dir", default=None,
+                     help="keep the cluster here (reused on restart); default: a temporary folder")
+    dev.add_argument("--port", type=int, default=7700, help="base port")
+    dev.add_argument("--account-id", default="111122223333")
+    dev.add_argument("--region", default="us-east-1", help="a region or a comma-separated list")
+    dev.add_argument("--access-key-id", default=None)
+    dev.add_argument("--secret-access-key", default=None)
+    dev.set_defaults(func=_cmd_dev)
+
+    hsm = sub.add_parser("hsm", help="prepare a node's HSM token")
+    hsm_sub = hsm.add_subparsers(dest="hsm_command", required=True)
+    for name, text in (("init-domain-key", "create the cluster's first domain key"),
+                       ("check-value", "print the domain key's check value"),
+                       ("transport-key", "make a transport key pair to receive the domain key")):
+        cmd = hsm_sub.add_parser(name, help=text)
+        cmd.add_argument("--config", required=True)
+    wrap = hsm_sub.add_parser("wrap-domain-key", help="wrap the domain key for a transport key")
+    wrap.add_argument("--config", required=True)
+    wrap.add_argument("--to", required=True, help="the recipient's transport public point (hex)")
+    accept = hsm_sub.add_parser("accept-domain-key", help="unwrap a domain key sent to us")
+    accept.add_argument("--config", required=True)
+    accept.add_argument("--donor-point", required=True)
+    accept.add_argument("--wrapped", required=True)
+    hsm.set_defaults(func=_cmd_hsm)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except config_module.ConfigError as exc:
+        print(f"kmsd: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

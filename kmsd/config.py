@@ -1,0 +1,143 @@
+"""A node's configuration, read from TOML.
+
+Example:
+
+    [node]
+    id = "node-1"
+    az = "az-a"
+    data_dir = "/var/lib/kmsd"
+
+    [api]
+    listen = "127.0.0.1:7700"          # the AWS KMS API
+    admin_listen = "127.0.0.1:7800"    # kmsctl's admin API
+    public_url = "http://127.0.0.1:7700"   # optional; how peers and clients reach this node
+
+    [raft]
+    address = "127.0.0.1:7900"
+    peers = ["127.0.0.1:7901", "127.0.0.1:7902"]
+    password_file = "/etc/kmsd/raft.secret"   # or password_env
+
+    [cluster]
+    regions = ["us-east-1"]
+    account_id = "111122223333"
+
+    [hsm]
+    module = "/usr/lib/softhsm/libsofthsm2.so"
+    token_label = "kmsd-node-1"
+    pin_file = "/etc/kmsd/pin"        # or pin_env = "KMSD_HSM_PIN"
+    softhsm2_conf = "/var/lib/kmsd/softhsm2.conf"   # optional, SoftHSM2 only
+
+Secrets (PIN, Raft password) are never written into this file: it names where
+they come from, a file (0600, or a systemd credential) or an environment
+variable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+
+from kmsd.hsm.partition import softhsm_module_path
+
+_ACCOUNT_ID = re.compile(r"^\d{12}$")
+_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SecretSource:
+    file: str | None = None
+    env: str | None = None
+
+    def read(self, what: str) -> str:
+        if self.file:
+            try:
+                with open(self.file, encoding="utf-8") as handle:
+                    return handle.read().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read {what} file {self.file}: {exc.strerror}") from None
+        if self.env:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise ConfigError(f"{what} environment variable {self.env} is not set")
+            return value
+        raise ConfigError(f"no source configured for the {what}")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: str
+    az: str
+    data_dir: str
+    api_listen: str
+    admin_listen: str
+    public_url: str
+    admin_url: str
+    raft_address: str
+    raft_peers: tuple[str, ...]
+    raft_password: SecretSource
+    regions: tuple[str, ...]
+    account_id: str
+    hsm_module: str
+    token_label: str
+    pin: SecretSource
+    softhsm2_conf: str | None
+
+    @property
+    def default_region(self) -> str:
+        return self.regions[0]
+
+
+def _split_host_port(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"{what} must be host:port, got {value!r}")
+    return host, int(port)
+
+
+def load(path: str) -> NodeConfig:
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    try:
+        return parse(raw)
+    except KeyError as exc:
+        raise ConfigError(f"config {path} lacks {exc.args[0]}") from None
+
+
+def parse(raw: dict) -> NodeConfig:
+    node, api, raft, cluster, hsm = (raw[s] for s in ("node", "api", "raft", "cluster", "hsm"))
+    regions = tuple(cluster["regions"])
+    if not regions or not all(isinstance(r, str) and _REGION.match(r) for r in regions):
+        raise ConfigError(f"cluster.regions must be region names, got {regions!r}")
+    account_id = str(cluster["account_id"])
+    if not _ACCOUNT_ID.match(account_id):
+        raise ConfigError("cluster.account_id must be 12 digits")
+    host, port = _split_host_port(api["listen"], "api.listen")
+    admin_host, admin_port = _split_host_port(api["admin_listen"], "api.admin_listen")
+    _split_host_port(raft["address"], "raft.address")
+    return NodeConfig(
+        node_id=str(node["id"]),
+        az=str(node.get("az", "default")),
+        data_dir=str(node["data_dir"]),
+        api_listen=api["listen"],
+        admin_listen=api["admin_listen"],
+        public_url=api.get("public_url", f"http://{host}:{port}"),
+        admin_url=api.get("admin_url", f"http://{admin_host}:{admin_port}"),
+        raft_address=raft["address"],
+        raft_peers=tuple(raft.get("peers", ())),
+        raft_password=SecretSource(raft.get("password_file"), raft.get("password_env")),
+        regions=regions,
+        account_id=account_id,
+        hsm_module=hsm.get("module") or softhsm_module_path(),
+        token_label=hsm["token_label"],
+        pin=SecretSource(hsm.get("pin_file"), hsm.get("pin_env")),
+        softhsm2_conf=hsm.get("softhsm2_conf"),
+    )

@@ -1,0 +1,287 @@
+"""`kmsd dev`: a local N-node cluster on 127.0.0.1 with one SoftHSM2 token per node.
+
+Layout under the data dir:
+
+    node-1/softhsm2.conf  node-1/tokens/  node-1/pin  node-1/raft.secret  node-1/node.toml
+    node-1/data/ (Raft journal and snapshot)  node-1/node.log
+    ...
+
+On first start it initialises every token, creates the domain key in node 1's
+token and clones it into every other token by the ECDH transport-key exchange
+(HSM to HSM: the host sees public points and a wrapped blob). PINs and the Raft
+secret are files readable by the owner only. Dev credentials reach node 1
+through its environment and are stored in the cluster sealed under the domain
+key; they are printed once, in the JSON line on stdout.
+
+Ports for node i (1-based): API base+i-1, admin base+100+i-1, Raft base+200+i-1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from kmsd.hsm.partition import softhsm_module_path
+from kmsd.node import BOOTSTRAP_ACCESS_KEY_ENV, BOOTSTRAP_SECRET_ENV
+
+READY_TIMEOUT_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class DevClusterOptions:
+    nodes: int = 3
+    data_dir: str | None = None
+    base_port: int = 7700
+    account_id: str = "111122223333"
+    regions: tuple[str, ...] = ("us-east-1",)
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+
+
+@dataclass
+class DevNode:
+    index: int
+    root: str
+    base_port: int
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def node_id(self) -> str:
+        return f"node-{self.index}"
+
+    @property
+    def api_port(self) -> int:
+        return self.base_port + self.index - 1
+
+    @property
+    def admin_port(self) -> int:
+        return self.base_port + 100 + self.index - 1
+
+    @property
+    def raft_address(self) -> str:
+        return f"127.0.0.1:{self.base_port + 200 + self.index - 1}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def admin_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.root, "node.toml")
+
+    @property
+    def token_label(self) -> str:
+        return f"kmsd-{self.node_id}"
+
+
+def _write_private(path: str, content: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(content)
+
+
+def _random_text(length: int) -> str:
+    alphabet = string.ascii_letters + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+def _toml_list(values: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+def write_node_files(node: DevNode, peers: list[DevNode], options: DevClusterOptions,
+                     raft_secret: str) -> None:
+    os.makedirs(os.path.join(node.root, "tokens"), exist_ok=True)
+    os.makedirs(os.path.join(node.root, "data"), exist_ok=True)
+    with open(os.path.join(node.root, "softhsm2.conf"), "w") as handle:
+        handle.write(f"directories.tokendir = {os.path.join(node.root, 'tokens')}\n"
+                     "objectstore.backend = file\nlog.level = ERROR\n")
+    _write_private(os.path.join(node.root, "raft.secret"), raft_secret)
+    other = [p.raft_address for p in peers if p.index != node.index]
+    with open(node.config_path, "w") as handle:
+        handle.write(f"""[node]
+id = "{node.node_id}"
+az = "az-{node.index}"
+data_dir = "{os.path.join(node.root, 'data')}"
+
+[api]
+listen = "127.0.0.1:{node.api_port}"
+admin_listen = "127.0.0.1:{node.admin_port}"
+
+[raft]
+address = "{node.raft_address}"
+peers = {_toml_list(other)}
+password_file = "{os.path.join(node.root, 'raft.secret')}"
+
+[cluster]
+regions = {_toml_list(list(options.regions))}
+account_id = "{options.account_id}"
+
+[hsm]
+module = "{softhsm_module_path()}"
+token_label = "{node.token_label}"
+pin_file = "{os.path.join(node.root, 'pin')}"
+softhsm2_conf = "{os.path.join(node.root, 'softhsm2.conf')}"
+""")
+
+
+def _kmsd(*args: str, env: dict[str, str] | None = None) -> dict:
+    result = subprocess.run([sys.executable, "-m", "kmsd.cli", *args], capture_output=True,
+                            text=True, env=env, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"kmsd {args[0]} {args[1]} failed: {result.stderr.strip()[-2000:]}")
+    return json.loads(result.stdout)
+
+
+def init_token(node: DevNode) -> None:
+    pin = _random_text(16)
+    _write_private(os.path.join(node.root, "pin"), pin)
+    env = {**os.environ, "SOFTHSM2_CONF": os.path.join(node.root, "softhsm2.conf")}
+    # The SO PIN is only needed to initialise the token; it is not kept.
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", node.token_label,
+                    "--so-pin", _random_text(16), "--pin", pin],
+                   check=True, capture_output=True, env=env)
+
+
+def clone_domain_key(donor: DevNode, recipient: DevNode) -> None:
+    request = _kmsd("hsm", "transport-key", "--config", recipient.config_path)
+    sent = _kmsd("hsm", "wrap-domain-key", "--config", donor.config_path,
+                 "--to", request["point"])
+    accepted = _kmsd("hsm", "accept-domain-key", "--config", recipient.config_path,
+                     "--donor-point", sent["point"], "--wrapped", sent["wrapped"])
+    if accepted["domain_key_check"] != sent["domain_key_check"]:
+        raise RuntimeError(f"domain key clone into {recipient.node_id} does not match")
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class DevCluster:
+    def __init__(self, options: DevClusterOptions) -> None:
+        self.options = options
+        self._temporary = options.data_dir is None
+        self.root = options.data_dir or tempfile.mkdtemp(prefix="kmsd-dev-")
+        os.makedirs(self.root, exist_ok=True)
+        self.nodes = [DevNode(i, os.path.join(self.root, f"node-{i}"), options.base_port)
+                      for i in range(1, options.nodes + 1)]
+        self.access_key_id = options.access_key_id or "AKIA" + _random_text(16).upper()
+        self.secret_access_key = options.secret_access_key or _random_text(40)
+
+    def prepare(self) -> None:
+        fresh = not all(os.path.exists(os.path.join(n.root, "pin")) for n in self.nodes)
+        raft_secret_path = os.path.join(self.nodes[0].root, "raft.secret")
+        if fresh:
+            raft_secret = secrets.token_urlsafe(32)
+        else:
+            with open(raft_secret_path) as handle:
+                raft_secret = handle.read().strip()
+        for node in self.nodes:
+            write_node_files(node, self.nodes, self.options, raft_secret)
+        if not fresh:
+            return
+        for node in self.nodes:
+            init_token(node)
+        _kmsd("hsm", "init-domain-key", "--config", self.nodes[0].config_path)
+        for node in self.nodes[1:]:
+            clone_domain_key(self.nodes[0], node)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            env = {k: v for k, v in os.environ.items()
+                   if k not in (BOOTSTRAP_ACCESS_KEY_ENV, BOOTSTRAP_SECRET_ENV)}
+            if node.index == 1:
+                env[BOOTSTRAP_ACCESS_KEY_ENV] = self.access_key_id
+                env[BOOTSTRAP_SECRET_ENV] = self.secret_access_key
+            log = open(os.path.join(node.root, "node.log"), "ab")  # noqa: SIM115
+            node.process = subprocess.Popen(
+                [sys.executable, "-m", "kmsd.cli", "serve", "--config", node.config_path],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
+            log.close()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_SECONDS) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(self.nodes)
+        while pending:
+            if time.monotonic() > deadline:
+                names = ", ".join(n.node_id for n in pending)
+                raise RuntimeError(f"nodes not ready after {timeout:.0f}s: {names}")
+            for node in list(pending):
+                if node.process is not None and node.process.poll() is not None:
+                    raise RuntimeError(f"{node.node_id} exited with {node.process.returncode};"
+                                       f" see {os.path.join(node.root, 'node.log')}")
+                if _http_ok(node.endpoint + "/readyz"):
+                    pending.remove(node)
+            time.sleep(0.1)
+
+    def summary(self) -> dict:
+        return {
+            "region": self.options.regions[0],
+            "regions": list(self.options.regions),
+            "account_id": self.options.account_id,
+            "endpoints": [n.endpoint for n in self.nodes],
+            "admin_endpoints": [n.admin_endpoint for n in self.nodes],
+            "pids": [n.process.pid if n.process else None for n in self.nodes],
+            "configs": [n.config_path for n in self.nodes],
+            "data_dir": self.root,
+            "access_key_id": self.access_key_id,
+            "secret_access_key": self.secret_access_key,
+        }
+
+    def stop(self) -> None:
+        running = [n.process for n in self.nodes if n.process and n.process.poll() is None]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for process in running:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._temporary:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def run_dev_cluster(options: DevClusterOptions) -> int:
+    cluster = DevCluster(options)
+    stop_requested = False
+
+    def request_stop(_signum: int, _frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        cluster.prepare()
+        cluster.start()
+        cluster.wait_ready()
+        print(json.dumps(cluster.summary()), flush=True)
+        while not stop_requested:
+            time.sleep(0.2)
+        return 0
+    except RuntimeError as exc:
+        print(f"kmsd dev: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        cluster.stop()

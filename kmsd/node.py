@@ -1,0 +1,185 @@
+"""One kmsd node: an HSM partition, a Raft member and two HTTP listeners in one process.
+
+Start-up order: open the token and find the domain key (a node without one
+refuses to start) → start Raft → listen → in the background, once the cluster
+has a leader: record or compare the domain-key check value (a node whose token
+holds another domain key never serves), register this node as a member, and
+add bootstrap credentials if the environment carries them. `/readyz` turns
+200 only after all of that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from cluster import commands
+from cluster.raft_node import RaftNode, RaftSettings, RaftUnavailable
+from cluster.state import KmsState, Rejected
+from kmsd.api.admin import make_admin_app
+from kmsd.api.protocol import Authenticator, KmsProtocol
+from kmsd.api.validation import RequestValidator
+from kmsd.auth.credentials import CredentialStore, secret_aad
+from kmsd.auth.sigv4 import SigV4Verifier
+from kmsd.clock import Clock, SystemClock
+from kmsd.config import NodeConfig
+from kmsd.hsm.partition import HsmPartition
+from kmsd.service.core import ServiceCore
+
+BOOTSTRAP_ACCESS_KEY_ENV = "KMSD_BOOTSTRAP_ACCESS_KEY_ID"
+BOOTSTRAP_SECRET_ENV = "KMSD_BOOTSTRAP_SECRET_ACCESS_KEY"
+
+log = structlog.get_logger("kmsd.node")
+
+
+class Node:
+    def __init__(self, config: NodeConfig, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        if config.softhsm2_conf:
+            os.environ["SOFTHSM2_CONF"] = config.softhsm2_conf
+        self.hsm = HsmPartition(config.hsm_module, config.token_label, config.pin.read("HSM PIN"))
+        self.domain_key_check = self.hsm.domain_key_check_value()
+        self.state = KmsState()
+        self.raft = RaftNode(RaftSettings(
+            self_address=config.raft_address, peer_addresses=config.raft_peers,
+            data_dir=os.path.join(config.data_dir, "raft"),
+            password=config.raft_password.read("Raft password")), self.state)
+        self.core = ServiceCore(self.state, self.raft, self.hsm, self.clock,
+                                config.account_id, config.regions)
+        self.credentials = CredentialStore(self.state, self.hsm)
+        self.authenticator = Authenticator(
+            SigV4Verifier("kms", frozenset(config.regions), clock=self.clock.now),
+            self.credentials)
+        self.protocol = KmsProtocol(self.core, self.authenticator, RequestValidator(),
+                                    self.not_ready_reason)
+        self._not_ready = "The node is starting."
+        self._runners: list[web.AppRunner] = []
+
+    # -- readiness -----------------------------------------------------------
+
+    def not_ready_reason(self) -> str | None:
+        return self._not_ready
+
+    async def _bootstrap(self) -> None:
+        while True:
+            try:
+                await self._bootstrap_once()
+                return
+            except RaftUnavailable:
+                await asyncio.sleep(0.2)
+
+    async def _bootstrap_once(self) -> None:
+        while not self.raft.has_leader:
+            await asyncio.sleep(0.05)
+        await self.raft.barrier()
+        result = await self.raft.submit(commands.InitCluster(self.domain_key_check))
+        cluster_check = result.value if not isinstance(result, Rejected) else None
+        if cluster_check != self.domain_key_check:
+            self._not_ready = (f"This node's HSM token {self.config.token_label!r} holds a "
+                               "different domain key than the cluster; it will not serve.")
+            log.error("domain_key_mismatch", token=self.config.token_label,
+                      node_check=self.domain_key_check, cluster_check=cluster_check)
+            return
+        member = commands.RegisterNode(self.config.node_id, self.config.az,
+                                       self.config.raft_address, self.config.public_url,
+                                       self.config.admin_url)
+        existing = self.state.nodes.get(self.config.node_id)
+        if existing is None or (existing.az, existing.raft_address, existing.api_url,
+                                existing.admin_url) != (member.az, member.raft_address,
+                                                        member.api_url, member.admin_url):
+            await self.raft.submit(member)
+        await self._bootstrap_credentials()
+        self._not_ready = None
+        log.info("node_ready", domain_key_check=self.domain_key_check)
+
+    async def _bootstrap_credentials(self) -> None:
+        access_key_id = os.environ.get(BOOTSTRAP_ACCESS_KEY_ENV)
+        secret = os.environ.get(BOOTSTRAP_SECRET_ENV)
+        if not access_key_id or not secret or access_key_id in self.state.access_keys:
+            return
+        sealed = self.hsm.seal(secret.encode(), secret_aad(access_key_id))
+        await self.raft.submit(commands.PutAccessKey(
+            access_key_id=access_key_id,
+            principal_arn=f"arn:aws:iam::{self.config.account_id}:root",
+            account_id=self.config.account_id, wrapped_secret=sealed, at=self.clock.now()))
+        log.info("bootstrap_access_key_added", access_key_id=access_key_id)
+
+    # -- status --------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node_id": self.config.node_id,
+            "az": self.config.az,
+            "api_url": self.config.public_url,
+            "admin_url": self.config.admin_url,
+            "ready": self._not_ready is None,
+            "not_ready_reason": self._not_ready,
+            "hsm": {"module": self.config.hsm_module, "token_label": self.config.token_label,
+                    "domain_key_check": self.domain_key_check,
+                    "domain_key_verified": self.state.domain_key_check == self.domain_key_check,
+                    "handle_cache_hits": self.hsm.handle_cache_hits,
+                    "handle_cache_misses": self.hsm.handle_cache_misses},
+            "raft": self.raft.status(),
+            "keys": len(self.state.keys),
+        }
+
+    # -- HTTP ----------------------------------------------------------------
+
+    def api_app(self) -> web.Application:
+        app = web.Application(client_max_size=1024 * 1024)
+
+        async def healthz(_request: web.Request) -> web.Response:
+            return web.json_response({"alive": True})
+
+        async def readyz(_request: web.Request) -> web.Response:
+            ready = self._not_ready is None and self.raft.has_leader
+            return web.json_response({"ready": ready, "reason": self._not_ready},
+                                     status=200 if ready else 503)
+
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        app.router.add_route("*", "/{tail:.*}", self.protocol.handle)
+        return app
+
+    async def start(self) -> None:
+        self.raft.start()
+        for app, listen in ((self.api_app(), self.config.api_listen),
+                            (make_admin_app(self.authenticator, self.status,
+                                            lambda: list(self.state.nodes.values())),
+                             self.config.admin_listen)):
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            host, _, port = listen.rpartition(":")
+            await web.TCPSite(runner, host, int(port)).start()
+            self._runners.append(runner)
+        self._bootstrap_task = asyncio.create_task(self._bootstrap())
+        log.info("node_started", api=self.config.api_listen, admin=self.config.admin_listen,
+                 raft=self.config.raft_address)
+
+    async def stop(self) -> None:
+        self._bootstrap_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._bootstrap_task
+        for runner in self._runners:
+            await runner.cleanup()
+        self.raft.stop()
+        self.hsm.close()
+        log.info("node_stopped")
+
+
+async def serve(config: NodeConfig) -> None:
+    node = Node(config)
+    await node.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await node.stop()

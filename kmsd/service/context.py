@@ -1,0 +1,21 @@
+"""Who is calling and about what: the per-request context handed to the service layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Caller:
+    access_key_id: str
+    principal_arn: str
+    account_id: str
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    request_id: str
+    region: str
+    caller: Caller
+    source_ip: str
+    user_agent: str

@@ -1,0 +1,88 @@
+"""What every operation module needs: the local replica, Raft, the HSM and a clock.
+
+Writes go through `commit`, which answers only after the command is committed
+by a Raft majority and applied on this node. Reads come from the local
+replica; a key that is not there yet (created through another node a moment
+ago) triggers one catch-up barrier before the answer is "not found".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cluster import commands
+from cluster.raft_node import RaftNode, RaftUnavailable
+from cluster.state import (
+    KEY_STATE_DISABLED,
+    KEY_STATE_PENDING_DELETION,
+    KeyRecord,
+    KmsState,
+    Rejected,
+)
+from kmsd.clock import Clock
+from kmsd.errors import (
+    DisabledException,
+    KMSInternalException,
+    KMSInvalidStateException,
+    NotFoundException,
+    error_class,
+)
+from kmsd.hsm.partition import HsmPartition
+from kmsd.service.context import RequestContext
+from kmsd.service.key_lookup import resolve_key
+
+UNAVAILABLE_MESSAGE = "The cluster could not commit the request in time; retry it."
+
+
+class ServiceCore:
+    def __init__(self, state: KmsState, raft: RaftNode, hsm: HsmPartition, clock: Clock,
+                 account_id: str, regions: tuple[str, ...]) -> None:
+        self.state = state
+        self.raft = raft
+        self.hsm = hsm
+        self.clock = clock
+        self.account_id = account_id
+        self.regions = regions
+
+    async def commit(self, command: commands.Command) -> Any:
+        try:
+            result = await self.raft.submit(command)
+        except RaftUnavailable:
+            raise KMSInternalException(UNAVAILABLE_MESSAGE) from None
+        if isinstance(result, Rejected):
+            raise error_class(result.error_type)(result.message)
+        return result.value
+
+    async def catch_up(self) -> None:
+        try:
+            await self.raft.barrier()
+        except RaftUnavailable:
+            raise KMSInternalException(UNAVAILABLE_MESSAGE) from None
+
+    async def find_key(self, ctx: RequestContext, identifier: str,
+                       allow_alias: bool = True) -> KeyRecord:
+        try:
+            return resolve_key(self.state, ctx.region, self.account_id, identifier, allow_alias)
+        except NotFoundException:
+            await self.catch_up()
+            return resolve_key(self.state, ctx.region, self.account_id, identifier, allow_alias)
+
+    async def find_key_by_id(self, ctx: RequestContext, key_id: str) -> KeyRecord | None:
+        record = self.state.keys.get(key_id)
+        if record is None:
+            await self.catch_up()
+            record = self.state.keys.get(key_id)
+        if record is None or record.region != ctx.region:
+            return None
+        return record
+
+    @staticmethod
+    def require_usable(record: KeyRecord) -> None:
+        """The key-state check of every cryptographic operation."""
+        if record.key_state == KEY_STATE_DISABLED:
+            raise DisabledException(f"{record.arn} is disabled.")
+        if record.key_state == KEY_STATE_PENDING_DELETION:
+            raise KMSInvalidStateException(f"{record.arn} is pending deletion.")
+
+    def random(self, length: int) -> bytes:
+        return self.hsm.random(length)

@@ -1,0 +1,114 @@
+"""Key lifecycle: CreateKey, DescribeKey, ListKeys, EnableKey, DisableKey.
+
+A new key's backing key is generated inside this node's HSM and enters the
+Raft log only wrapped under the domain key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Any
+
+from cluster import commands
+from cluster.state import KEY_STATE_ENABLED, KeyRecord
+from kmsd.errors import UnsupportedOperationException
+from kmsd.service.context import RequestContext
+from kmsd.service.core import ServiceCore
+from kmsd.service.pagination import page_response, paginate
+
+SUPPORTED_KEY_SPECS = {"SYMMETRIC_DEFAULT"}
+
+
+def default_key_policy(account_id: str) -> str:
+    # What AWS KMS attaches when CreateKey is called without a Policy.
+    return json.dumps({
+        "Version": "2012-10-17",
+        "Id": "key-default-1",
+        "Statement": [{
+            "Sid": "Enable IAM User Permissions",
+            "Effect": "Allow",
+            "Principal": {"AWS": f"arn:aws:iam::{account_id}:root"},
+            "Action": "kms:*",
+            "Resource": "*",
+        }],
+    }, indent=2)
+
+
+def key_metadata(record: KeyRecord) -> dict[str, Any]:
+    return {
+        "AWSAccountId": record.account_id,
+        "KeyId": record.key_id,
+        "Arn": record.arn,
+        "CreationDate": record.created_at,
+        "Enabled": record.key_state == KEY_STATE_ENABLED,
+        "Description": record.description,
+        "KeyUsage": record.key_usage,
+        "KeyState": record.key_state,
+        "Origin": record.origin,
+        "KeyManager": "CUSTOMER",
+        "CustomerMasterKeySpec": record.key_spec,
+        "KeySpec": record.key_spec,
+        "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"],
+        "MultiRegion": False,
+        "CurrentKeyMaterialId": hashlib.sha256(record.current_backing_key.wrapped).hexdigest(),
+    }
+
+
+async def create_key(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
+    key_spec = params.get("KeySpec") or params.get("CustomerMasterKeySpec") or "SYMMETRIC_DEFAULT"
+    key_usage = params.get("KeyUsage") or "ENCRYPT_DECRYPT"
+    if key_spec not in SUPPORTED_KEY_SPECS or key_usage != "ENCRYPT_DECRYPT":
+        raise UnsupportedOperationException(
+            f"kmsd does not support KeySpec {key_spec} with KeyUsage {key_usage} yet.")
+    if params.get("Origin", "AWS_KMS") != "AWS_KMS":
+        raise UnsupportedOperationException(
+            f"kmsd does not support Origin {params['Origin']} yet.")
+    if params.get("CustomKeyStoreId") or params.get("XksKeyId"):
+        raise UnsupportedOperationException("kmsd has no custom key stores yet.")
+    if params.get("MultiRegion"):
+        raise UnsupportedOperationException("kmsd does not support multi-Region keys.")
+    command = commands.CreateKey(
+        key_id=str(uuid.uuid4()),
+        region=ctx.region,
+        account_id=core.account_id,
+        description=params.get("Description", ""),
+        key_usage=key_usage,
+        key_spec=key_spec,
+        origin="AWS_KMS",
+        policy=params.get("Policy") or default_key_policy(core.account_id),
+        tags=tuple((t["TagKey"], t["TagValue"]) for t in params.get("Tags", ())),
+        wrapped_backing_key=core.hsm.generate_wrapped_aes_key(),
+        at=core.clock.now(),
+    )
+    record = await core.commit(command)
+    return {"KeyMetadata": key_metadata(record)}
+
+
+async def describe_key(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
+    record = await core.find_key(ctx, params["KeyId"])
+    return {"KeyMetadata": key_metadata(record)}
+
+
+async def list_keys(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
+    keys = [k for k in list(core.state.keys.values()) if k.region == ctx.region]
+    page, next_marker = paginate("ListKeys", keys, lambda k: k.key_id,
+                                 params.get("Limit"), params.get("Marker"))
+    return page_response("Keys", [{"KeyId": k.key_id, "KeyArn": k.arn} for k in page],
+                         next_marker)
+
+
+async def _set_enabled(core: ServiceCore, ctx: RequestContext, params: dict[str, Any],
+                       enabled: bool) -> dict:
+    record = await core.find_key(ctx, params["KeyId"])
+    await core.commit(commands.SetKeyEnabled(record.key_id, enabled, core.clock.now()))
+    return {}
+
+
+async def enable_key(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
+    return await _set_enabled(core, ctx, params, True)
+
+
+async def disable_key(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
+    return await _set_enabled(core, ctx, params, False)
