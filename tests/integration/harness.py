@@ -1,0 +1,182 @@
+"""Starting and driving real kmsd clusters from tests: `kmsd dev` subprocesses,
+SoftHSM2 tokens in temporary folders, boto3 clients, kill and restart of nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import boto3
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from botocore.credentials import Credentials
+
+T = TypeVar("T")
+
+
+def _ports_free(ports: list[int]) -> bool:
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def free_base_port(nodes: int) -> int:
+    for _ in range(200):
+        base = random.randrange(20000, 40000, 10)
+        if _ports_free([base + offset + i for offset in (0, 100, 200) for i in range(nodes)]):
+            return base
+    raise RuntimeError("no free port range")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.1,
+             what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last error: {last_error!r}")
+
+
+@dataclass
+class Cluster:
+    info: dict[str, Any]
+    process: subprocess.Popen
+    data_dir: str
+    extra_processes: list[subprocess.Popen] = field(default_factory=list)
+    # Every plaintext and data key a test saw, for the scan of the data dirs.
+    secrets_seen: list[bytes] = field(default_factory=list)
+
+    @property
+    def region(self) -> str:
+        return self.info["region"]
+
+    @property
+    def size(self) -> int:
+        return len(self.info["endpoints"])
+
+    def credentials(self) -> Credentials:
+        return Credentials(self.info["access_key_id"], self.info["secret_access_key"])
+
+    def client(self, node: int, *, access_key_id: str | None = None,
+               secret_access_key: str | None = None, region: str | None = None,
+               retries: int = 2) -> Any:
+        return boto3.client(
+            "kms", endpoint_url=self.info["endpoints"][node],
+            region_name=region or self.region,
+            aws_access_key_id=access_key_id or self.info["access_key_id"],
+            aws_secret_access_key=secret_access_key or self.info["secret_access_key"],
+            config=Config(retries={"max_attempts": retries, "mode": "standard"},
+                          connect_timeout=3, read_timeout=15))
+
+    def admin_get(self, node: int, path: str) -> dict[str, Any]:
+        url = self.info["admin_endpoints"][node] + path
+        request = AWSRequest(method="GET", url=url, data=b"")
+        SigV4Auth(self.credentials(), "kms", self.region).add_auth(request)
+        prepared = request.prepare()
+        http = urllib.request.Request(url, headers=dict(prepared.headers), method="GET")
+        with urllib.request.urlopen(http, timeout=3) as response:
+            return json.loads(response.read())
+
+    def node_status(self, node: int) -> dict[str, Any] | None:
+        try:
+            return self.admin_get(node, "/v1/node/status")
+        except (urllib.error.URLError, OSError):
+            return None
+
+    def leader(self, among: list[int] | None = None) -> int | None:
+        for node in among if among is not None else range(self.size):
+            status = self.node_status(node)
+            if status and status["raft"]["role"] == "leader" and status["raft"]["has_quorum"]:
+                return node
+        return None
+
+    def ready(self, node: int) -> bool:
+        try:
+            with urllib.request.urlopen(self.info["endpoints"][node] + "/readyz",
+                                        timeout=1) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def pid(self, node: int) -> int:
+        return self.info["pids"][node]
+
+    def kill(self, node: int) -> None:
+        os.kill(self.pid(node), signal.SIGKILL)
+        wait_for(lambda: not _alive(self.pid(node)), 10, what=f"node {node} to die")
+
+    def restart(self, node: int) -> None:
+        config = self.info["configs"][node]
+        log = open(os.path.join(os.path.dirname(config), "node.log"), "ab")  # noqa: SIM115
+        process = subprocess.Popen([sys.executable, "-m", "kmsd.cli", "serve", "--config", config],
+                                   stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        self.extra_processes.append(process)
+        self.info["pids"][node] = process.pid
+        wait_for(lambda: self.ready(node), 60, what=f"node {node} to be ready again")
+
+    def stop(self) -> None:
+        for process in self.extra_processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        for process in [*self.extra_processes, self.process]:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A killed child stays a zombie until reaped; count zombies as dead.
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def start_cluster(data_dir: str, nodes: int = 3, extra_args: tuple[str, ...] = (),
+                  timeout: float = 90.0) -> Cluster:
+    base = free_base_port(nodes)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kmsd.cli", "dev", "--nodes", str(nodes), "--data-dir", data_dir,
+         "--port", str(base), *extra_args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    line = process.stdout.readline() if ready else b""
+    if not line:
+        process.kill()
+        _, err = process.communicate(timeout=10)
+        raise RuntimeError(f"kmsd dev did not start: {err.decode(errors='replace')[-3000:]}")
+    return Cluster(info=json.loads(line), process=process, data_dir=data_dir)
