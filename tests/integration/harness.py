@@ -52,7 +52,8 @@ def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.1,
     while time.monotonic() < deadline:
         try:
             value = predicate()
-            if value:
+            # None and False mean "not yet"; anything else (node index 0 included) is the answer.
+            if value is not None and value is not False:
                 return value
         except Exception as exc:  # noqa: BLE001 - retried until the deadline
             last_error = exc
@@ -128,7 +129,7 @@ class Cluster:
         os.kill(self.pid(node), signal.SIGKILL)
         wait_for(lambda: not _alive(self.pid(node)), 10, what=f"node {node} to die")
 
-    def restart(self, node: int) -> None:
+    def restart(self, node: int, wait: bool = True) -> None:
         config = self.info["configs"][node]
         log = open(os.path.join(os.path.dirname(config), "node.log"), "ab")  # noqa: SIM115
         process = subprocess.Popen([sys.executable, "-m", "kmsd.cli", "serve", "--config", config],
@@ -136,7 +137,8 @@ class Cluster:
         log.close()
         self.extra_processes.append(process)
         self.info["pids"][node] = process.pid
-        wait_for(lambda: self.ready(node), 60, what=f"node {node} to be ready again")
+        if wait:
+            wait_for(lambda: self.ready(node), 60, what=f"node {node} to be ready again")
 
     def stop(self) -> None:
         for process in self.extra_processes:
