@@ -108,6 +108,67 @@ class DeleteAlias(Command):
 
 
 @dataclass(frozen=True)
+class UpdateKeyDescription(Command):
+    key_id: str
+    description: str
+
+
+@dataclass(frozen=True)
+class TagKey(Command):
+    """Adds tags or replaces their values; refused past `max_tags` tags on the key."""
+
+    key_id: str
+    tags: tuple[tuple[str, str], ...]
+    max_tags: int
+
+
+@dataclass(frozen=True)
+class UntagKey(Command):
+    key_id: str
+    tag_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ScheduleKeyDeletion(Command):
+    key_id: str
+    deletion_date: float
+    pending_window_days: int
+
+
+@dataclass(frozen=True)
+class CancelKeyDeletion(Command):
+    key_id: str
+
+
+@dataclass(frozen=True)
+class DeleteKey(Command):
+    """Proposed by the leader once a key's deletion date has passed; removes its material."""
+
+    key_id: str
+    at: float
+
+
+@dataclass(frozen=True)
+class SetKeyRotation(Command):
+    key_id: str
+    enabled: bool
+    period_days: int
+    at: float
+
+
+@dataclass(frozen=True)
+class RotateKey(Command):
+    """A new backing-key version. `expected_version` makes racing proposals idempotent."""
+
+    key_id: str
+    wrapped_backing_key: bytes
+    rotation_type: str
+    expected_version: int
+    max_on_demand: int
+    at: float
+
+
+@dataclass(frozen=True)
 class Barrier(Command):
     """Changes nothing; its commit proves this node has applied the log up to it."""
 

@@ -17,6 +17,9 @@ Configuration choices and why (see FACTS.md §0, §B):
   within seconds.
 - `useFork=False`: the snapshot is small msgpack; forking a process that holds
   a PKCS#11 session and sockets buys nothing.
+- the journal is `cluster.journal.ScrubbingFileJournal`: entries dropped by
+  compaction are zeroed on disk, so a deleted key's wrapped material leaves
+  the journal once the log is compacted.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 
-from cluster import commands
+from cluster import commands, journal
 from cluster.state import ApplyResult, KmsState
 
 AppliedListener = Callable[[commands.Command, ApplyResult], None]
@@ -87,6 +90,7 @@ class RaftNode:
 
     def start(self) -> None:
         os.makedirs(self.settings.data_dir, exist_ok=True)
+        journal.install()
         conf = SyncObjConf(
             password=self.settings.password,
             journalFile=os.path.join(self.settings.data_dir, "raft.journal"),
@@ -133,6 +137,11 @@ class RaftNode:
     async def barrier(self, timeout: float | None = None) -> None:
         """Return once this node has applied every entry committed before the call."""
         await self.submit(commands.Barrier(), timeout)
+
+    def force_compaction(self) -> None:
+        """Snapshot the state and drop the journal entries it covers, at the next tick."""
+        if self._syncobj is not None:
+            self._syncobj.forceLogCompaction()
 
     @property
     def is_leader(self) -> bool:

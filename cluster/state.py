@@ -29,11 +29,18 @@ KEY_STATE_DISABLED = "Disabled"
 KEY_STATE_PENDING_DELETION = "PendingDeletion"
 
 
+ROTATION_AUTOMATIC = "AUTOMATIC"
+ROTATION_ON_DEMAND = "ON_DEMAND"
+SECONDS_PER_DAY = 86400
+
+
 @dataclass(frozen=True)
 class BackingKey:
     version: int
     wrapped: bytes  # the backing key wrapped under the domain key (an "exported key token")
     created_at: float
+    # None for the key's first material, else AUTOMATIC or ON_DEMAND.
+    rotation_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,11 @@ class KeyRecord:
     backing_keys: tuple[BackingKey, ...]
     # Bumped by every change that can alter an authorisation decision.
     epoch: int
+    deletion_date: float | None = None
+    pending_window_days: int | None = None
+    rotation_enabled: bool = False
+    rotation_period_days: int | None = None
+    next_rotation_at: float | None = None
 
     @property
     def arn(self) -> str:
@@ -213,6 +225,100 @@ class KmsState:
         if self.aliases.pop((cmd.region, cmd.alias_name), None) is None:
             raise _Refuse("NotFoundException", f"Alias {cmd.alias_name} is not found.")
 
+    def _apply_UpdateKeyDescription(self, cmd: c.UpdateKeyDescription) -> KeyRecord:
+        record = self._key_not_pending_deletion(cmd.key_id)
+        return self._put(dataclasses.replace(record, description=cmd.description))
+
+    def _apply_TagKey(self, cmd: c.TagKey) -> KeyRecord:
+        record = self._key_not_pending_deletion(cmd.key_id)
+        tags = dict(record.tags)
+        tags.update(dict(cmd.tags))
+        if len(tags) > cmd.max_tags:
+            raise _Refuse("LimitExceededException",
+                          f"A KMS key can have at most {cmd.max_tags} tags.")
+        return self._put(dataclasses.replace(record, tags=tuple(sorted(tags.items()))))
+
+    def _apply_UntagKey(self, cmd: c.UntagKey) -> KeyRecord:
+        record = self._key_not_pending_deletion(cmd.key_id)
+        removed = set(cmd.tag_keys)
+        return self._put(dataclasses.replace(
+            record, tags=tuple(t for t in record.tags if t[0] not in removed)))
+
+    def _apply_ScheduleKeyDeletion(self, cmd: c.ScheduleKeyDeletion) -> KeyRecord:
+        record = self._key_not_pending_deletion(cmd.key_id)
+        return self._put(dataclasses.replace(
+            record, key_state=KEY_STATE_PENDING_DELETION, deletion_date=cmd.deletion_date,
+            pending_window_days=cmd.pending_window_days, epoch=record.epoch + 1))
+
+    def _apply_CancelKeyDeletion(self, cmd: c.CancelKeyDeletion) -> KeyRecord:
+        record = self._key(cmd.key_id)
+        if record.key_state != KEY_STATE_PENDING_DELETION:
+            raise _Refuse("KMSInvalidStateException", f"{record.arn} is not pending deletion.")
+        # AWS: a key whose deletion is cancelled comes back Disabled.
+        return self._put(dataclasses.replace(
+            record, key_state=KEY_STATE_DISABLED, deletion_date=None, pending_window_days=None,
+            epoch=record.epoch + 1))
+
+    def _apply_DeleteKey(self, cmd: c.DeleteKey) -> KeyRecord | None:
+        """Removes the key and its aliases; returns the removed record (None if not due)."""
+        record = self.keys.get(cmd.key_id)
+        if (record is None or record.key_state != KEY_STATE_PENDING_DELETION
+                or record.deletion_date is None or record.deletion_date > cmd.at):
+            return None
+        del self.keys[cmd.key_id]
+        for name, alias in list(self.aliases.items()):
+            if alias.target_key_id == cmd.key_id:
+                del self.aliases[name]
+        return record
+
+    def _apply_SetKeyRotation(self, cmd: c.SetKeyRotation) -> KeyRecord:
+        record = self._key_usable_for_management(cmd.key_id)
+        if not cmd.enabled:
+            return self._put(dataclasses.replace(
+                record, rotation_enabled=False, next_rotation_at=None))
+        automatic = [b for b in record.backing_keys if b.rotation_type == ROTATION_AUTOMATIC]
+        since = automatic[-1].created_at if automatic and record.rotation_enabled else cmd.at
+        return self._put(dataclasses.replace(
+            record, rotation_enabled=True, rotation_period_days=cmd.period_days,
+            next_rotation_at=since + cmd.period_days * SECONDS_PER_DAY))
+
+    def _apply_RotateKey(self, cmd: c.RotateKey) -> KeyRecord | None:
+        record = self._key_usable_for_management(cmd.key_id)
+        if record.current_backing_key.version != cmd.expected_version:
+            if cmd.rotation_type == ROTATION_AUTOMATIC:
+                return None  # another leader's rotation won the race; nothing to do
+            raise _Refuse("ConflictException",
+                          f"{record.arn} was rotated concurrently; retry the request.")
+        if cmd.rotation_type == ROTATION_ON_DEMAND:
+            done = sum(b.rotation_type == ROTATION_ON_DEMAND for b in record.backing_keys)
+            if done >= cmd.max_on_demand:
+                raise _Refuse("LimitExceededException",
+                              f"{record.arn} has reached the limit of {cmd.max_on_demand}"
+                              " on-demand rotations.")
+        backing = BackingKey(cmd.expected_version + 1, cmd.wrapped_backing_key, cmd.at,
+                             cmd.rotation_type)
+        updated = dataclasses.replace(record, backing_keys=(*record.backing_keys, backing))
+        if cmd.rotation_type == ROTATION_AUTOMATIC and record.rotation_period_days:
+            updated = dataclasses.replace(
+                updated, next_rotation_at=cmd.at + record.rotation_period_days * SECONDS_PER_DAY)
+        return self._put(updated)
+
+    def _put(self, record: KeyRecord) -> KeyRecord:
+        self.keys[record.key_id] = record
+        return record
+
+    def _key_not_pending_deletion(self, key_id: str) -> KeyRecord:
+        record = self._key(key_id)
+        if record.key_state == KEY_STATE_PENDING_DELETION:
+            raise _Refuse("KMSInvalidStateException", f"{record.arn} is pending deletion.")
+        return record
+
+    def _key_usable_for_management(self, key_id: str) -> KeyRecord:
+        record = self._key_not_pending_deletion(key_id)
+        if record.key_state == KEY_STATE_DISABLED:
+            raise _Refuse("DisabledException", f"{record.arn} is disabled.")
+        return record
+
     def _key(self, key_id: str) -> KeyRecord:
         record = self.keys.get(key_id)
         if record is None:
@@ -230,15 +336,16 @@ class KmsState:
 
     def to_snapshot(self) -> bytes:
         """The whole state as msgpack: what pysyncobj writes into its full dump."""
-        def records(values: list[Any]) -> list[dict[str, Any]]:
-            return [dataclasses.asdict(v) for v in values]
+        def records(table: dict[Any, Any]) -> list[dict[str, Any]]:
+            # Sorted, so that replicas holding the same state give the same bytes.
+            return [dataclasses.asdict(v) for _, v in sorted(list(table.items()))]
 
         return msgpack.packb({
             "v": c.SCHEMA_VERSION,
-            "keys": records(list(self.keys.values())),
-            "aliases": records(list(self.aliases.values())),
-            "access_keys": records(list(self.access_keys.values())),
-            "nodes": records(list(self.nodes.values())),
+            "keys": records(self.keys),
+            "aliases": records(self.aliases),
+            "access_keys": records(self.access_keys),
+            "nodes": records(self.nodes),
             "domain_key_check": self.domain_key_check,
             "applied_count": self.applied_count,
         }, use_bin_type=True)

@@ -37,7 +37,8 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     return run_dev_cluster(DevClusterOptions(
         nodes=args.nodes, data_dir=args.data_dir, base_port=args.port,
         account_id=args.account_id, regions=regions, access_key_id=args.access_key_id,
-        secret_access_key=args.secret_access_key))
+        secret_access_key=args.secret_access_key, scheduler_interval=args.scheduler_interval,
+        test_clock=args.test_clock))
 
 
 def _cmd_hsm(args: argparse.Namespace) -> int:
@@ -82,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--region", default="us-east-1", help="a region or a comma-separated list")
     dev.add_argument("--access-key-id", default=None)
     dev.add_argument("--secret-access-key", default=None)
+    dev.add_argument("--scheduler-interval", type=float, default=1.0,
+                     help="seconds between the leader's deletion/rotation checks")
+    dev.add_argument("--test-clock", action="store_true",
+                     help="tests only: proposer clocks read an offset from node-i/clock-offset")
     dev.set_defaults(func=_cmd_dev)
 
     hsm = sub.add_parser("hsm", help="prepare a node's HSM token")

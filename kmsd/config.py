@@ -6,6 +6,7 @@ Example:
     id = "node-1"
     az = "az-a"
     data_dir = "/var/lib/kmsd"
+    scheduler_interval_seconds = 10     # how often the leader checks deletions and rotations
 
     [api]
     listen = "127.0.0.1:7700"          # the AWS KMS API
@@ -26,6 +27,9 @@ Example:
     token_label = "kmsd-node-1"
     pin_file = "/etc/kmsd/pin"        # or pin_env = "KMSD_HSM_PIN"
     softhsm2_conf = "/var/lib/kmsd/softhsm2.conf"   # optional, SoftHSM2 only
+
+    [testing]            # never in production
+    clock_offset_file = "/tmp/offset"   # seconds added to the proposer clock
 
 Secrets (PIN, Raft password) are never written into this file: it names where
 they come from, a file (0600, or a systemd credential) or an environment
@@ -87,6 +91,9 @@ class NodeConfig:
     token_label: str
     pin: SecretSource
     softhsm2_conf: str | None
+    scheduler_interval_seconds: float = 10.0
+    # Test-only: a file holding seconds to add to the proposer clock.
+    clock_offset_file: str | None = None
 
     @property
     def default_region(self) -> str:
@@ -140,4 +147,6 @@ def parse(raw: dict) -> NodeConfig:
         token_label=hsm["token_label"],
         pin=SecretSource(hsm.get("pin_file"), hsm.get("pin_env")),
         softhsm2_conf=hsm.get("softhsm2_conf"),
+        scheduler_interval_seconds=float(node.get("scheduler_interval_seconds", 10.0)),
+        clock_offset_file=raw.get("testing", {}).get("clock_offset_file"),
     )

@@ -53,6 +53,7 @@ ThrottlingException = _define("ThrottlingException", 400, retryable=True)
 
 # Errors of the KMS service model.
 AlreadyExistsException = _define("AlreadyExistsException")
+ConflictException = _define("ConflictException")
 DependencyTimeoutException = _define("DependencyTimeoutException", 503, retryable=True)
 DisabledException = _define("DisabledException")
 DryRunOperationException = _define("DryRunOperationException")

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from typing import Any
 
 import structlog
@@ -21,16 +22,17 @@ from aiohttp import web
 
 from cluster import commands
 from cluster.raft_node import RaftNode, RaftSettings, RaftUnavailable
-from cluster.state import KmsState, Rejected
+from cluster.state import Applied, KeyRecord, KmsState, Rejected
 from kmsd.api.admin import make_admin_app
 from kmsd.api.protocol import Authenticator, KmsProtocol
 from kmsd.api.validation import RequestValidator
 from kmsd.auth.credentials import CredentialStore, secret_aad
 from kmsd.auth.sigv4 import SigV4Verifier
-from kmsd.clock import Clock, SystemClock
+from kmsd.clock import Clock, OffsetClock, SystemClock
 from kmsd.config import NodeConfig
 from kmsd.hsm.partition import HsmPartition
 from kmsd.service.core import ServiceCore
+from kmsd.service.scheduler import KeyScheduler
 
 BOOTSTRAP_ACCESS_KEY_ENV = "KMSD_BOOTSTRAP_ACCESS_KEY_ID"
 BOOTSTRAP_SECRET_ENV = "KMSD_BOOTSTRAP_SECRET_ACCESS_KEY"
@@ -41,7 +43,8 @@ log = structlog.get_logger("kmsd.node")
 class Node:
     def __init__(self, config: NodeConfig, clock: Clock | None = None) -> None:
         self.config = config
-        self.clock = clock or SystemClock()
+        self.clock = clock or (OffsetClock(config.clock_offset_file)
+                               if config.clock_offset_file else SystemClock())
         if config.softhsm2_conf:
             os.environ["SOFTHSM2_CONF"] = config.softhsm2_conf
         self.hsm = HsmPartition(config.hsm_module, config.token_label, config.pin.read("HSM PIN"))
@@ -50,17 +53,31 @@ class Node:
         self.raft = RaftNode(RaftSettings(
             self_address=config.raft_address, peer_addresses=config.raft_peers,
             data_dir=os.path.join(config.data_dir, "raft"),
-            password=config.raft_password.read("Raft password")), self.state)
+            password=config.raft_password.read("Raft password")), self.state,
+            self._on_applied)
         self.core = ServiceCore(self.state, self.raft, self.hsm, self.clock,
                                 config.account_id, config.regions)
         self.credentials = CredentialStore(self.state, self.hsm)
         self.authenticator = Authenticator(
-            SigV4Verifier("kms", frozenset(config.regions), clock=self.clock.now),
+            # SigV4 checks skew against real time, never the (test-adjustable) proposer clock.
+            SigV4Verifier("kms", frozenset(config.regions), clock=time.time),
             self.credentials)
         self.protocol = KmsProtocol(self.core, self.authenticator, RequestValidator(),
                                     self.not_ready_reason)
         self._not_ready = "The node is starting."
         self._runners: list[web.AppRunner] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _on_applied(self, command: commands.Command, result: object) -> None:
+        """Runs on the Raft thread after every apply: side effects that live outside the state."""
+        if (isinstance(command, commands.DeleteKey) and isinstance(result, Applied)
+                and isinstance(result.value, KeyRecord) and self._loop is not None):
+            removed = [b.wrapped for b in result.value.backing_keys]
+            # Handles belong to the event loop's thread; the journal is compacted so the
+            # deleted material leaves the disk.
+            self._loop.call_soon_threadsafe(lambda: [self.hsm.evict(w) for w in removed])
+            self.raft.force_compaction()
 
     # -- readiness -----------------------------------------------------------
 
@@ -149,6 +166,7 @@ class Node:
         return app
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self.raft.start()
         for app, listen in ((self.api_app(), self.config.api_listen),
                             (make_admin_app(self.authenticator, self.status,
@@ -159,14 +177,17 @@ class Node:
             host, _, port = listen.rpartition(":")
             await web.TCPSite(runner, host, int(port)).start()
             self._runners.append(runner)
-        self._bootstrap_task = asyncio.create_task(self._bootstrap())
+        self._tasks = [asyncio.create_task(self._bootstrap()),
+                       asyncio.create_task(KeyScheduler(
+                           self.core, self.config.scheduler_interval_seconds).run())]
         log.info("node_started", api=self.config.api_listen, admin=self.config.admin_listen,
                  raft=self.config.raft_address)
 
     async def stop(self) -> None:
-        self._bootstrap_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._bootstrap_task
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for runner in self._runners:
             await runner.cleanup()
         self.raft.stop()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kmsd.service import aliases, crypto, keys
+from kmsd.service import aliases, crypto, keys, rotation, tags
 from kmsd.service.context import RequestContext
 from kmsd.service.core import ServiceCore
 
@@ -21,8 +21,22 @@ OPERATIONS: dict[str, Handler] = {
     "ListKeys": keys.list_keys,
     "EnableKey": keys.enable_key,
     "DisableKey": keys.disable_key,
+    "UpdateKeyDescription": keys.update_key_description,
+    "ScheduleKeyDeletion": keys.schedule_key_deletion,
+    "CancelKeyDeletion": keys.cancel_key_deletion,
+    "GetKeyPolicy": keys.get_key_policy,
+    "ListKeyPolicies": keys.list_key_policies,
+    "EnableKeyRotation": rotation.enable_key_rotation,
+    "DisableKeyRotation": rotation.disable_key_rotation,
+    "GetKeyRotationStatus": rotation.get_key_rotation_status,
+    "RotateKeyOnDemand": rotation.rotate_key_on_demand,
+    "ListKeyRotations": rotation.list_key_rotations,
+    "TagResource": tags.tag_resource,
+    "UntagResource": tags.untag_resource,
+    "ListResourceTags": tags.list_resource_tags,
     "Encrypt": crypto.encrypt,
     "Decrypt": crypto.decrypt,
+    "ReEncrypt": crypto.re_encrypt,
     "GenerateDataKey": crypto.generate_data_key,
     "GenerateDataKeyWithoutPlaintext": crypto.generate_data_key_without_plaintext,
     "GenerateRandom": crypto.generate_random,
@@ -33,4 +47,6 @@ OPERATIONS: dict[str, Handler] = {
 }
 
 # Operations that only read; everything else is a write or a use of a key.
-READ_ONLY = frozenset({"DescribeKey", "ListKeys", "ListAliases"})
+READ_ONLY = frozenset({"DescribeKey", "ListKeys", "ListAliases", "GetKeyPolicy",
+                       "ListKeyPolicies", "GetKeyRotationStatus", "ListKeyRotations",
+                       "ListResourceTags"})

@@ -210,8 +210,9 @@ def _parse_principals(value: object) -> Principals:
 
 def _pair(raw: dict, name: str, where: str, required: bool) -> tuple[Any, Any]:
     positive, negative = raw.get(name), raw.get("Not" + name)
-    if any(k in raw and raw[k] is None for k in (name, "Not" + name)):
-        raise _fail(f"{where}: {name} must not be null")
+    for element in (name, "Not" + name):
+        if element in raw and raw[element] is None:
+            raise _fail(f"{where}: {element} must not be null")
     if name in raw and "Not" + name in raw:
         raise _fail(f"{where} has both {name} and Not{name}; use one of them")
     if required and name not in raw and "Not" + name not in raw:
@@ -278,7 +279,9 @@ def parse_policy(text: str, kind: PolicyKind = PolicyKind.KEY) -> Policy:
         raise _fail("Policy must be a JSON object")
     if unknown := sorted(set(doc) - {"Version", "Id", "Statement"}):
         raise _fail(f"Policy has unknown top-level element(s): {', '.join(unknown)}")
-    version = doc.get("Version", "2008-10-17")   # IAM-VERSION: the default when omitted
+    # IAM-VERSION: without "2012-10-17" its features (policy variables) are unavailable,
+    # so a policy with no Version is read as the older language.
+    version = doc.get("Version", "2008-10-17")
     if version not in VERSIONS:
         raise _fail(f'Version must be "2012-10-17" or "2008-10-17", not {version!r}')
     if not isinstance(doc.get("Id", ""), str):
@@ -312,6 +315,10 @@ def _caller_arns(arn: str) -> set[str]:
     return {arn}
 
 
+def _is_root(facts: RequestFacts) -> bool:
+    return facts.principal_arn.endswith(f"::{facts.principal_account}:root")
+
+
 def _principal_match(p: Principals, facts: RequestFacts) -> _Match:
     if p.everyone or p.arns & _caller_arns(facts.principal_arn):
         return _Match.DIRECT
@@ -324,9 +331,12 @@ def _who(stmt: Statement, facts: RequestFacts, kind: PolicyKind) -> _Match:
     if stmt.principal is not None:
         return _principal_match(stmt.principal, facts)
     if stmt.not_principal is not None:
-        # IAM-NOTPRIN: applies to every principal except those listed; a listed account
-        # exempts its principals as a Principal entry would cover them.
-        excluded = _principal_match(stmt.not_principal, facts) is not _Match.NONE
+        # IAM-NOTPRIN: applies to every principal except those listed. Listing an account
+        # exempts the account principal itself, not all of its users: the doc lists both
+        # "user/Bob" and the account ARN so that only Bob escapes the Deny.
+        p = stmt.not_principal
+        excluded = (p.everyone or bool(p.arns & _caller_arns(facts.principal_arn))
+                    or (_is_root(facts) and facts.principal_account in p.accounts))
         return _Match.NONE if excluded else _Match.DIRECT
     return _Match.NONE
 
@@ -426,8 +436,7 @@ def check_access(key_policy: Policy, identity_policies: Iterable[Policy],
                              DenialReason.EXPLICIT_DENY_IN_IDENTITY_POLICY)
     if not (key.allows_directly or key.delegates_to_account):
         return Authorization(Decision.NO_MATCH, DenialReason.NO_KEY_POLICY_ALLOWS)
-    is_root = facts.principal_arn.endswith(f"::{facts.principal_account}:root")
-    identity_allows = is_root or Decision.ALLOW in identity
+    identity_allows = _is_root(facts) or Decision.ALLOW in identity
     same_account = _resource_account(facts.resource) in (None, facts.principal_account)
     if (key.allows_directly and same_account) or identity_allows:
         return Authorization(Decision.ALLOW, None)

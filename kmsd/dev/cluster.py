@@ -47,6 +47,9 @@ class DevClusterOptions:
     regions: tuple[str, ...] = ("us-east-1",)
     access_key_id: str | None = None
     secret_access_key: str | None = None
+    scheduler_interval: float = 1.0
+    # Test-only: each node's proposer clock reads an offset from node-i/clock-offset.
+    test_clock: bool = False
 
 
 @dataclass
@@ -85,6 +88,10 @@ class DevNode:
         return os.path.join(self.root, "node.toml")
 
     @property
+    def clock_offset_path(self) -> str:
+        return os.path.join(self.root, "clock-offset")
+
+    @property
     def token_label(self) -> str:
         return f"kmsd-{self.node_id}"
 
@@ -118,6 +125,7 @@ def write_node_files(node: DevNode, peers: list[DevNode], options: DevClusterOpt
 id = "{node.node_id}"
 az = "az-{node.index}"
 data_dir = "{os.path.join(node.root, 'data')}"
+scheduler_interval_seconds = {options.scheduler_interval}
 
 [api]
 listen = "127.0.0.1:{node.api_port}"
@@ -138,6 +146,8 @@ token_label = "{node.token_label}"
 pin_file = "{os.path.join(node.root, 'pin')}"
 softhsm2_conf = "{os.path.join(node.root, 'softhsm2.conf')}"
 """)
+        if options.test_clock:
+            handle.write(f'\n[testing]\nclock_offset_file = "{node.clock_offset_path}"\n')
 
 
 def _kmsd(*args: str, env: dict[str, str] | None = None) -> dict:
@@ -242,6 +252,8 @@ class DevCluster:
             "admin_endpoints": [n.admin_endpoint for n in self.nodes],
             "pids": [n.process.pid if n.process else None for n in self.nodes],
             "configs": [n.config_path for n in self.nodes],
+            "clock_offset_files": ([n.clock_offset_path for n in self.nodes]
+                                   if self.options.test_clock else []),
             "data_dir": self.root,
             "access_key_id": self.access_key_id,
             "secret_access_key": self.secret_access_key,

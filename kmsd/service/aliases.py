@@ -67,6 +67,6 @@ async def list_aliases(core: ServiceCore, ctx: RequestContext, params: dict[str,
         record = await core.find_key(ctx, params["KeyId"], allow_alias=False)
         aliases = [a for a in aliases if a.target_key_id == record.key_id]
     page, next_marker = paginate("ListAliases", aliases, lambda a: a.alias_name,
-                                 params.get("Limit"), params.get("Marker"))
+                                 params.get("Limit"), params.get("Marker"), default_limit=50)
     return page_response("Aliases", [_alias_entry(a, core.account_id) for a in page],
                          next_marker)

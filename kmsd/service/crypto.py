@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from cluster.state import KeyRecord, key_arn
+from cluster.state import BackingKey, KeyRecord, key_arn
 from kmsd import ciphertext_blob, encryption_context
 from kmsd.errors import (
+    DryRunOperationException,
     IncorrectKeyException,
     InvalidCiphertextException,
     InvalidKeyUsageException,
@@ -22,8 +23,10 @@ from kmsd.errors import (
 from kmsd.hsm.partition import HsmAuthenticationFailed
 from kmsd.service.context import RequestContext
 from kmsd.service.core import ServiceCore
+from kmsd.service.rotation import key_material_id
 
 SYMMETRIC_DEFAULT = "SYMMETRIC_DEFAULT"
+DRY_RUN_MESSAGE = "The request would have succeeded, but the DryRun option is set."
 _DATA_KEY_BYTES = {"AES_256": 32, "AES_128": 16}
 
 
@@ -46,6 +49,12 @@ def _seal(core: ServiceCore, record: KeyRecord, plaintext: bytes,
     return header + sealed
 
 
+def _dry_run(params: dict[str, Any]) -> None:
+    """Every check has passed: a dry run stops here, before any key is used."""
+    if params.get("DryRun"):
+        raise DryRunOperationException(DRY_RUN_MESSAGE)
+
+
 async def _usable_symmetric_key(core: ServiceCore, ctx: RequestContext,
                                 params: dict[str, Any]) -> KeyRecord:
     record = await core.find_key(ctx, params["KeyId"])
@@ -56,43 +65,81 @@ async def _usable_symmetric_key(core: ServiceCore, ctx: RequestContext,
 
 async def encrypt(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
     record = await _usable_symmetric_key(core, ctx, params)
+    _dry_run(params)
     blob = _seal(core, record, params["Plaintext"], params.get("EncryptionContext"))
     return {"CiphertextBlob": blob, "KeyId": record.arn,
             "EncryptionAlgorithm": SYMMETRIC_DEFAULT}
 
 
-async def decrypt(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
+def _require_blob(params: dict[str, Any]) -> bytes:
     if "CiphertextBlob" not in params:
         # Optional in the model (for Recipient flows), required by every Decrypt kmsd serves.
         raise ValidationException(
             "1 validation error detected: Value null at 'ciphertextBlob' failed to satisfy "
             "constraint: Member must not be null")
+    return params["CiphertextBlob"]
+
+
+async def _unseal(core: ServiceCore, ctx: RequestContext, blob_bytes: bytes,
+                  context: dict[str, str] | None, key_id: str | None,
+                  algorithm: str | None, dry_run: bool = False
+                  ) -> tuple[KeyRecord, BackingKey, bytes]:
+    """Authenticate and decrypt a ciphertext blob; every authentication failure is one error."""
     try:
-        blob = ciphertext_blob.parse(params["CiphertextBlob"])
+        blob = ciphertext_blob.parse(blob_bytes)
     except ciphertext_blob.MalformedCiphertext:
         raise InvalidCiphertextException() from None
     record = await core.find_key_by_id(ctx, blob.key_id)
     if record is None:
         raise NotFoundException(
             f"Key '{key_arn(ctx.region, core.account_id, blob.key_id)}' does not exist")
-    if "KeyId" in params:
-        requested = await core.find_key(ctx, params["KeyId"])
+    if key_id is not None:
+        requested = await core.find_key(ctx, key_id)
         if requested.key_id != record.key_id:
             raise IncorrectKeyException(
                 "The key ID in the request does not identify a CMK that can perform this "
                 "operation.")
-    _require_symmetric(record, params.get("EncryptionAlgorithm"))
+    _require_symmetric(record, algorithm)
     core.require_usable(record)
     backing = record.backing_key(blob.backing_version)
     if backing is None:
         raise InvalidCiphertextException()
-    aad = blob.header + encryption_context.canonical(params.get("EncryptionContext"))
+    aad = blob.header + encryption_context.canonical(context)
     try:
         plaintext = core.hsm.decrypt_gcm(backing.wrapped, blob.nonce, aad,
                                          blob.ciphertext_and_tag)
     except HsmAuthenticationFailed:
         raise InvalidCiphertextException() from None
-    return {"KeyId": record.arn, "Plaintext": plaintext, "EncryptionAlgorithm": SYMMETRIC_DEFAULT}
+    if dry_run:
+        raise DryRunOperationException(DRY_RUN_MESSAGE)
+    return record, backing, plaintext
+
+
+async def decrypt(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
+    record, backing, plaintext = await _unseal(
+        core, ctx, _require_blob(params), params.get("EncryptionContext"), params.get("KeyId"),
+        params.get("EncryptionAlgorithm"), params.get("DryRun", False))
+    return {"KeyId": record.arn, "Plaintext": plaintext, "EncryptionAlgorithm": SYMMETRIC_DEFAULT,
+            "KeyMaterialId": key_material_id(backing.wrapped)}
+
+
+async def re_encrypt(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
+    source, source_backing, plaintext = await _unseal(
+        core, ctx, _require_blob(params), params.get("SourceEncryptionContext"),
+        params.get("SourceKeyId"), params.get("SourceEncryptionAlgorithm"))
+    destination = await core.find_key(ctx, params["DestinationKeyId"])
+    _require_symmetric(destination, params.get("DestinationEncryptionAlgorithm"))
+    core.require_usable(destination)
+    if params.get("DryRun"):
+        raise DryRunOperationException(DRY_RUN_MESSAGE)
+    blob = _seal(core, destination, plaintext, params.get("DestinationEncryptionContext"))
+    return {
+        "CiphertextBlob": blob, "SourceKeyId": source.arn, "KeyId": destination.arn,
+        "SourceEncryptionAlgorithm": SYMMETRIC_DEFAULT,
+        "DestinationEncryptionAlgorithm": SYMMETRIC_DEFAULT,
+        "SourceKeyMaterialId": key_material_id(source_backing.wrapped),
+        "DestinationKeyMaterialId": key_material_id(destination.current_backing_key.wrapped),
+    }
 
 
 def _data_key_length(params: dict[str, Any]) -> int:
@@ -106,6 +153,7 @@ async def generate_data_key(core: ServiceCore, ctx: RequestContext,
                             params: dict[str, Any]) -> dict:
     length = _data_key_length(params)
     record = await _usable_symmetric_key(core, ctx, params)
+    _dry_run(params)
     data_key = core.random(length)
     blob = _seal(core, record, data_key, params.get("EncryptionContext"))
     return {"CiphertextBlob": blob, "Plaintext": data_key, "KeyId": record.arn}

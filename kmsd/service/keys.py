@@ -6,17 +6,22 @@ Raft log only wrapped under the domain key.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from typing import Any
 
 from cluster import commands
-from cluster.state import KEY_STATE_ENABLED, KeyRecord
-from kmsd.errors import UnsupportedOperationException
+from cluster.state import KEY_STATE_ENABLED, KEY_STATE_PENDING_DELETION, SECONDS_PER_DAY, KeyRecord
+from kmsd.errors import UnsupportedOperationException, ValidationException
 from kmsd.service.context import RequestContext
 from kmsd.service.core import ServiceCore
 from kmsd.service.pagination import page_response, paginate
+from kmsd.service.rotation import key_material_id
+from kmsd.service.tags import checked_tags
+
+DEFAULT_PENDING_WINDOW_DAYS = 30
+MIN_PENDING_WINDOW_DAYS = 7
+MAX_PENDING_WINDOW_DAYS = 30
 
 SUPPORTED_KEY_SPECS = {"SYMMETRIC_DEFAULT"}
 
@@ -37,7 +42,7 @@ def default_key_policy(account_id: str) -> str:
 
 
 def key_metadata(record: KeyRecord) -> dict[str, Any]:
-    return {
+    metadata = {
         "AWSAccountId": record.account_id,
         "KeyId": record.key_id,
         "Arn": record.arn,
@@ -52,8 +57,12 @@ def key_metadata(record: KeyRecord) -> dict[str, Any]:
         "KeySpec": record.key_spec,
         "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"],
         "MultiRegion": False,
-        "CurrentKeyMaterialId": hashlib.sha256(record.current_backing_key.wrapped).hexdigest(),
+        "CurrentKeyMaterialId": key_material_id(record.current_backing_key.wrapped),
     }
+    if record.key_state == KEY_STATE_PENDING_DELETION:
+        metadata["DeletionDate"] = record.deletion_date
+        metadata["PendingDeletionWindowInDays"] = record.pending_window_days
+    return metadata
 
 
 async def create_key(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
@@ -78,7 +87,7 @@ async def create_key(core: ServiceCore, ctx: RequestContext, params: dict[str, A
         key_spec=key_spec,
         origin="AWS_KMS",
         policy=params.get("Policy") or default_key_policy(core.account_id),
-        tags=tuple((t["TagKey"], t["TagValue"]) for t in params.get("Tags", ())),
+        tags=checked_tags(params.get("Tags", [])),
         wrapped_backing_key=core.hsm.generate_wrapped_aes_key(),
         at=core.clock.now(),
     )
@@ -112,3 +121,48 @@ async def enable_key(core: ServiceCore, ctx: RequestContext, params: dict[str, A
 
 async def disable_key(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
     return await _set_enabled(core, ctx, params, False)
+
+
+async def update_key_description(core: ServiceCore, ctx: RequestContext,
+                                 params: dict[str, Any]) -> dict:
+    record = await core.find_key(ctx, params["KeyId"], allow_alias=False)
+    await core.commit(commands.UpdateKeyDescription(record.key_id, params["Description"]))
+    return {}
+
+
+async def schedule_key_deletion(core: ServiceCore, ctx: RequestContext,
+                                params: dict[str, Any]) -> dict:
+    record = await core.find_key(ctx, params["KeyId"], allow_alias=False)
+    window = params.get("PendingWindowInDays") or DEFAULT_PENDING_WINDOW_DAYS
+    # The model allows 1-365; the service accepts a waiting period of 7 to 30 days.
+    if not MIN_PENDING_WINDOW_DAYS <= window <= MAX_PENDING_WINDOW_DAYS:
+        bound, relation = ((MIN_PENDING_WINDOW_DAYS, "greater") if window < MIN_PENDING_WINDOW_DAYS
+                           else (MAX_PENDING_WINDOW_DAYS, "less"))
+        raise ValidationException(
+            f"1 validation error detected: Value '{window}' at 'pendingWindowInDays' failed to "
+            f"satisfy constraint: Member must have value {relation} than or equal to {bound}")
+    deletion_date = core.clock.now() + window * SECONDS_PER_DAY
+    updated: KeyRecord = await core.commit(
+        commands.ScheduleKeyDeletion(record.key_id, deletion_date, window))
+    return {"KeyId": updated.arn, "DeletionDate": updated.deletion_date,
+            "KeyState": updated.key_state, "PendingWindowInDays": updated.pending_window_days}
+
+
+async def cancel_key_deletion(core: ServiceCore, ctx: RequestContext,
+                              params: dict[str, Any]) -> dict:
+    record = await core.find_key(ctx, params["KeyId"], allow_alias=False)
+    await core.commit(commands.CancelKeyDeletion(record.key_id))
+    return {"KeyId": record.arn}
+
+
+async def get_key_policy(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
+    record = await core.find_key(ctx, params["KeyId"], allow_alias=False)
+    return {"Policy": record.policy, "PolicyName": "default"}
+
+
+async def list_key_policies(core: ServiceCore, ctx: RequestContext,
+                            params: dict[str, Any]) -> dict:
+    await core.find_key(ctx, params["KeyId"], allow_alias=False)
+    page, next_marker = paginate("ListKeyPolicies", ["default"], lambda name: name,
+                                 params.get("Limit"), params.get("Marker"))
+    return page_response("PolicyNames", page, next_marker)

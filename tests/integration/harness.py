@@ -182,3 +182,20 @@ def start_cluster(data_dir: str, nodes: int = 3, extra_args: tuple[str, ...] = (
         _, err = process.communicate(timeout=10)
         raise RuntimeError(f"kmsd dev did not start: {err.decode(errors='replace')[-3000:]}")
     return Cluster(info=json.loads(line), process=process, data_dir=data_dir)
+
+
+def stored_views(path: str) -> list[bytes]:
+    """A file's bytes as stored, and as they read after undoing the encodings that
+    kmsd's storage applies: gzip (Raft snapshots) and Python pickle protocol 2,
+    which stores `bytes` as the UTF-8 encoding of their latin-1 text (Raft journal)."""
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    views = [raw]
+    if raw[:2] == b"\x1f\x8b":
+        import gzip
+
+        raw = gzip.decompress(raw)
+        views.append(raw)
+    text = raw.decode("utf-8", "replace")
+    views.append(bytes(ord(ch) if ord(ch) < 256 else 0 for ch in text))
+    return views

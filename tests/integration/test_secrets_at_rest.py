@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 
-from tests.integration.harness import Cluster
+from tests.integration.harness import Cluster, stored_views
 
 
 def _files_under(root: str) -> list[str]:
@@ -31,8 +31,7 @@ def test_no_plaintext_or_data_key_in_any_data_dir_or_log(cluster: Cluster) -> No
     assert any(path.endswith("raft.journal") for path in files)
     assert any(path.endswith("node.log") for path in files)
     for path in files:
-        with open(path, "rb") as handle:
-            content = handle.read()
-        for secret in secrets:
-            assert secret not in content, f"a plaintext or data key is in {path}"
-        assert secret_key not in content, f"the secret access key is in {path}"
+        for content in stored_views(path):
+            for secret in secrets:
+                assert secret not in content, f"a plaintext or data key is in {path}"
+            assert secret_key not in content, f"the secret access key is in {path}"
