@@ -169,6 +169,74 @@ class RotateKey(Command):
 
 
 @dataclass(frozen=True)
+class PutPrincipal(Command):
+    """A user, role or account root (`kind`), named by its IAM ARN."""
+
+    arn: str
+    account_id: str
+    kind: str
+    name: str
+    at: float
+
+
+@dataclass(frozen=True)
+class DeletePrincipal(Command):
+    """Removes the principal, its identity policies and its access keys."""
+
+    arn: str
+
+
+@dataclass(frozen=True)
+class DeleteAccessKey(Command):
+    access_key_id: str
+
+
+@dataclass(frozen=True)
+class PutPrincipalPolicy(Command):
+    arn: str
+    policy_name: str
+    document: str
+
+
+@dataclass(frozen=True)
+class DeletePrincipalPolicy(Command):
+    arn: str
+    policy_name: str
+
+
+@dataclass(frozen=True)
+class PutKeyPolicy(Command):
+    key_id: str
+    policy: str
+
+
+@dataclass(frozen=True)
+class CreateGrant(Command):
+    grant_id: str
+    grant_token: str
+    key_id: str
+    name: str
+    grantee_principal: str
+    retiring_principal: str
+    operations: tuple[str, ...]
+    # Constraints as sorted pairs; an empty tuple and None differ (None: no constraint).
+    encryption_context_equals: tuple[tuple[str, str], ...] | None
+    encryption_context_subset: tuple[tuple[str, str], ...] | None
+    issuing_account: str
+    max_grants_per_key: int
+    max_grants_per_grantee: int
+    at: float
+
+
+@dataclass(frozen=True)
+class RemoveGrant(Command):
+    """RetireGrant and RevokeGrant: the grant stops authorising at this log position."""
+
+    key_id: str
+    grant_id: str
+
+
+@dataclass(frozen=True)
 class Barrier(Command):
     """Changes nothing; its commit proves this node has applied the log up to it."""
 
@@ -199,11 +267,17 @@ def decode(data: bytes) -> Command:
         args = raw["args"]
     except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
         raise CommandDecodeError("not a kmsd command") from exc
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CommandDecodeError(f"{version!r} is not a command schema version")
+    if version > SCHEMA_VERSION:
         raise CommandDecodeError(f"command schema version {version} is newer than this node")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    # Every replica must apply exactly what was proposed: an argument this node does not
+    # know is refused, never dropped.
+    if not isinstance(args, dict) or not set(args) <= set(fields):
+        raise CommandDecodeError(f"malformed {cls.op} command")
     try:
         return cls(**{name: _from_wire(str(fields[name].type), value)
-                      for name, value in args.items() if name in fields})
+                      for name, value in args.items()})
     except TypeError as exc:
         raise CommandDecodeError(f"malformed {cls.op} command") from exc

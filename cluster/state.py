@@ -99,6 +99,32 @@ class AccessKeyRecord:
 
 
 @dataclass(frozen=True)
+class PrincipalRecord:
+    arn: str
+    account_id: str
+    kind: str  # "root", "user" or "role"
+    name: str
+    created_at: float
+    # Identity policies: (policy name, JSON document), sorted by name.
+    policies: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class GrantRecord:
+    grant_id: str
+    grant_token: str
+    key_id: str
+    name: str
+    grantee_principal: str
+    retiring_principal: str
+    operations: tuple[str, ...]
+    encryption_context_equals: tuple[tuple[str, str], ...] | None
+    encryption_context_subset: tuple[tuple[str, str], ...] | None
+    issuing_account: str
+    created_at: float
+
+
+@dataclass(frozen=True)
 class NodeRecord:
     node_id: str
     az: str
@@ -123,6 +149,13 @@ class Applied:
 ApplyResult = Applied | Rejected
 
 
+def _same_grant(a: GrantRecord, b: GrantRecord) -> bool:
+    return (a.grantee_principal, a.retiring_principal, a.operations,
+            a.encryption_context_equals, a.encryption_context_subset) == (
+        b.grantee_principal, b.retiring_principal, b.operations,
+        b.encryption_context_equals, b.encryption_context_subset)
+
+
 def key_arn(region: str, account_id: str, key_id: str) -> str:
     return f"arn:aws:kms:{region}:{account_id}:key/{key_id}"
 
@@ -142,6 +175,8 @@ class KmsState:
         self.keys: dict[str, KeyRecord] = {}
         self.aliases: dict[tuple[str, str], AliasRecord] = {}
         self.access_keys: dict[str, AccessKeyRecord] = {}
+        self.principals: dict[str, PrincipalRecord] = {}
+        self.grants: dict[str, GrantRecord] = {}
         self.nodes: dict[str, NodeRecord] = {}
         self.domain_key_check: str | None = None
         self.applied_count = 0
@@ -176,6 +211,96 @@ class KmsState:
         self.access_keys[cmd.access_key_id] = AccessKeyRecord(
             cmd.access_key_id, cmd.principal_arn, cmd.account_id, cmd.wrapped_secret, cmd.at)
         return True
+
+    def _apply_PutPrincipal(self, cmd: c.PutPrincipal) -> PrincipalRecord:
+        existing = self.principals.get(cmd.arn)
+        if existing is not None:
+            return existing
+        record = PrincipalRecord(cmd.arn, cmd.account_id, cmd.kind, cmd.name, cmd.at)
+        self.principals[cmd.arn] = record
+        return record
+
+    def _apply_DeletePrincipal(self, cmd: c.DeletePrincipal) -> None:
+        if self.principals.pop(cmd.arn, None) is None:
+            raise _Refuse("NotFoundException", f"Principal {cmd.arn} does not exist.")
+        for access_key_id, key in list(self.access_keys.items()):
+            if key.principal_arn == cmd.arn:
+                del self.access_keys[access_key_id]
+
+    def _apply_DeleteAccessKey(self, cmd: c.DeleteAccessKey) -> None:
+        if self.access_keys.pop(cmd.access_key_id, None) is None:
+            raise _Refuse("NotFoundException", f"Access key {cmd.access_key_id} does not exist.")
+
+    def _principal(self, arn: str) -> PrincipalRecord:
+        record = self.principals.get(arn)
+        if record is None:
+            raise _Refuse("NotFoundException", f"Principal {arn} does not exist.")
+        return record
+
+    def _apply_PutPrincipalPolicy(self, cmd: c.PutPrincipalPolicy) -> PrincipalRecord:
+        record = self._principal(cmd.arn)
+        policies = dict(record.policies)
+        policies[cmd.policy_name] = cmd.document
+        record = dataclasses.replace(record, policies=tuple(sorted(policies.items())))
+        self.principals[cmd.arn] = record
+        self._bump_all_epochs()
+        return record
+
+    def _apply_DeletePrincipalPolicy(self, cmd: c.DeletePrincipalPolicy) -> PrincipalRecord:
+        record = self._principal(cmd.arn)
+        if cmd.policy_name not in dict(record.policies):
+            raise _Refuse("NotFoundException", f"Policy {cmd.policy_name} is not attached.")
+        record = dataclasses.replace(
+            record, policies=tuple(p for p in record.policies if p[0] != cmd.policy_name))
+        self.principals[cmd.arn] = record
+        self._bump_all_epochs()
+        return record
+
+    def _bump_all_epochs(self) -> None:
+        # An identity policy can touch any key: every decision in flight is re-checked.
+        for key_id, record in list(self.keys.items()):
+            self.keys[key_id] = dataclasses.replace(record, epoch=record.epoch + 1)
+
+    def _apply_PutKeyPolicy(self, cmd: c.PutKeyPolicy) -> KeyRecord:
+        record = self._key(cmd.key_id)
+        return self._put(dataclasses.replace(record, policy=cmd.policy, epoch=record.epoch + 1))
+
+    def _apply_CreateGrant(self, cmd: c.CreateGrant) -> GrantRecord:
+        record = self._key(cmd.key_id)
+        if record.key_state == KEY_STATE_PENDING_DELETION:
+            raise _Refuse("KMSInvalidStateException", f"{record.arn} is pending deletion.")
+        if record.key_state == KEY_STATE_DISABLED:
+            raise _Refuse("DisabledException", f"{record.arn} is disabled.")
+        on_key = [g for g in self.grants.values() if g.key_id == cmd.key_id]
+        grant = GrantRecord(
+            cmd.grant_id, cmd.grant_token, cmd.key_id, cmd.name, cmd.grantee_principal,
+            cmd.retiring_principal, cmd.operations, cmd.encryption_context_equals,
+            cmd.encryption_context_subset, cmd.issuing_account, cmd.at)
+        if cmd.name:
+            # AWS: a grant with the same name and parameters is the same grant.
+            for existing in on_key:
+                if existing.name == cmd.name and _same_grant(existing, grant):
+                    return existing
+        if len(on_key) >= cmd.max_grants_per_key:
+            raise _Refuse("LimitExceededException",
+                          f"{record.arn} has reached the limit of {cmd.max_grants_per_key} grants.")
+        if sum(g.grantee_principal == cmd.grantee_principal
+               for g in on_key) >= cmd.max_grants_per_grantee:
+            raise _Refuse("LimitExceededException",
+                          f"{cmd.grantee_principal} has reached the limit of "
+                          f"{cmd.max_grants_per_grantee} grants on {record.arn}.")
+        self.grants[cmd.grant_id] = grant
+        return grant
+
+    def _apply_RemoveGrant(self, cmd: c.RemoveGrant) -> GrantRecord:
+        grant = self.grants.get(cmd.grant_id)
+        if grant is None or grant.key_id != cmd.key_id:
+            raise _Refuse("NotFoundException", f"Grant ID {cmd.grant_id} not found")
+        del self.grants[cmd.grant_id]
+        record = self.keys.get(cmd.key_id)
+        if record is not None:
+            self._put(dataclasses.replace(record, epoch=record.epoch + 1))
+        return grant
 
     def _apply_CreateKey(self, cmd: c.CreateKey) -> KeyRecord:
         if cmd.key_id in self.keys:
@@ -266,6 +391,9 @@ class KmsState:
                 or record.deletion_date is None or record.deletion_date > cmd.at):
             return None
         del self.keys[cmd.key_id]
+        for grant_id, grant in list(self.grants.items()):
+            if grant.key_id == cmd.key_id:
+                del self.grants[grant_id]
         for name, alias in list(self.aliases.items()):
             if alias.target_key_id == cmd.key_id:
                 del self.aliases[name]
@@ -284,6 +412,8 @@ class KmsState:
 
     def _apply_RotateKey(self, cmd: c.RotateKey) -> KeyRecord | None:
         record = self._key_usable_for_management(cmd.key_id)
+        if cmd.rotation_type == ROTATION_AUTOMATIC and not record.rotation_enabled:
+            return None  # rotation was disabled after the scheduler proposed this one
         if record.current_backing_key.version != cmd.expected_version:
             if cmd.rotation_type == ROTATION_AUTOMATIC:
                 return None  # another leader's rotation won the race; nothing to do
@@ -345,6 +475,8 @@ class KmsState:
             "keys": records(self.keys),
             "aliases": records(self.aliases),
             "access_keys": records(self.access_keys),
+            "principals": records(self.principals),
+            "grants": records(self.grants),
             "nodes": records(self.nodes),
             "domain_key_check": self.domain_key_check,
             "applied_count": self.applied_count,
@@ -360,8 +492,20 @@ class KmsState:
         aliases = {(a["region"], a["alias_name"]): AliasRecord(**a) for a in raw["aliases"]}
         access_keys = {a["access_key_id"]: AccessKeyRecord(**a) for a in raw["access_keys"]}
         nodes = {n["node_id"]: NodeRecord(**n) for n in raw["nodes"]}
+        principals = {}
+        for p in raw.get("principals", []):
+            p["policies"] = tuple(tuple(x) for x in p["policies"])
+            principals[p["arn"]] = PrincipalRecord(**p)
+        grants = {}
+        for g in raw.get("grants", []):
+            g["operations"] = tuple(g["operations"])
+            for name in ("encryption_context_equals", "encryption_context_subset"):
+                if g[name] is not None:
+                    g[name] = tuple(tuple(x) for x in g[name])
+            grants[g["grant_id"]] = GrantRecord(**g)
         # Whole dicts are swapped in, never mutated, so concurrent readers see old or new.
         self.keys, self.aliases, self.access_keys, self.nodes = keys, aliases, access_keys, nodes
+        self.principals, self.grants = principals, grants
         self.domain_key_check = raw["domain_key_check"]
         self.applied_count = raw["applied_count"]
 

@@ -45,6 +45,8 @@ class CiphertextBlob:
 
     @property
     def header(self) -> bytes:
+        if len(self.nonce) != NONCE_BYTES:
+            raise ValueError(f"a GCM nonce is {NONCE_BYTES} bytes")
         return _HEADER.pack(FORMAT_VERSION, self.kdf, uuid.UUID(self.key_id).bytes,
                             self.backing_version, self.nonce)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kmsd.service import aliases, crypto, keys, rotation, tags
+from kmsd.service import aliases, crypto, grants, keys, rotation, tags
 from kmsd.service.context import RequestContext
 from kmsd.service.core import ServiceCore
 
@@ -25,6 +25,12 @@ OPERATIONS: dict[str, Handler] = {
     "ScheduleKeyDeletion": keys.schedule_key_deletion,
     "CancelKeyDeletion": keys.cancel_key_deletion,
     "GetKeyPolicy": keys.get_key_policy,
+    "PutKeyPolicy": keys.put_key_policy,
+    "CreateGrant": grants.create_grant,
+    "ListGrants": grants.list_grants,
+    "ListRetirableGrants": grants.list_retirable_grants,
+    "RetireGrant": grants.retire_grant,
+    "RevokeGrant": grants.revoke_grant,
     "ListKeyPolicies": keys.list_key_policies,
     "EnableKeyRotation": rotation.enable_key_rotation,
     "DisableKeyRotation": rotation.disable_key_rotation,
@@ -49,4 +55,4 @@ OPERATIONS: dict[str, Handler] = {
 # Operations that only read; everything else is a write or a use of a key.
 READ_ONLY = frozenset({"DescribeKey", "ListKeys", "ListAliases", "GetKeyPolicy",
                        "ListKeyPolicies", "GetKeyRotationStatus", "ListKeyRotations",
-                       "ListResourceTags"})
+                       "ListResourceTags", "ListGrants", "ListRetirableGrants"})

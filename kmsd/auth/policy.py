@@ -32,7 +32,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, ClassVar
+from typing import Any
 
 from kmsd.auth.policy_conditions import (
     Condition,
@@ -42,7 +42,7 @@ from kmsd.auth.policy_conditions import (
     parse_condition_block,
     wildcard_match,
 )
-from kmsd.errors import KmsError, LimitExceededException
+from kmsd.errors import LimitExceededException, MalformedPolicyDocumentException
 
 MAX_KEY_POLICY_CHARS = 32768   # KMS-FORMAT: "Up to 32 kilobytes (32,768 bytes)"
 VERSIONS = ("2012-10-17", "2008-10-17")   # IAM-VERSION
@@ -58,11 +58,6 @@ _ARN_PRINCIPAL = re.compile(r"arn:aws[a-z-]*:(?:iam::(\d{12}):(?:root|user/.+|ro
 _SERVICE = re.compile(r"[a-z0-9-]+(\.[a-z0-9-]+)*\.amazonaws\.com(\.cn)?")
 _SESSION = re.compile(r"arn:(aws[a-z-]*):sts::(\d{12}):assumed-role/([^/]+)/.+")
 _VARIABLE = re.compile(r"\$\{[^}]*\}")
-
-
-class MalformedPolicyDocumentException(KmsError):
-    error_type: ClassVar[str] = "MalformedPolicyDocumentException"
-    http_status: ClassVar[int] = 400
 
 
 class PolicyKind(Enum):

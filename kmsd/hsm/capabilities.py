@@ -21,8 +21,9 @@ The probe works on ephemeral session objects: a throw-away AES wrapping key
 destroyed before it returns; it needs no domain key. It is measured, not read
 from the mechanism list, where the list is known to lie (SoftHSM2 2.6.1
 lists CKM_RSA_PKCS_OAEP but refuses SHA-256 parameters, lists CKM_EDDSA but
-ignores the pre-hash flag). It takes ~0.1-0.3 s on SoftHSM2 (see
-`TokenCapabilities.probe_seconds`); run it once per process, on the HSM thread.
+ignores the pre-hash flag). It took 35-130 ms on SoftHSM2 on the dev machine,
+mostly the RSA-1024 key generation (see `TokenCapabilities.probe_seconds`);
+run it once per process, on the thread that owns the partition.
 
 Symmetric keys (SYMMETRIC_DEFAULT) are kmsd.hsm.partition's business and are not listed.
 Never logs or returns key material; the probe keys are random and discarded.
@@ -165,6 +166,8 @@ class Capability:
 
 @dataclass(frozen=True)
 class TokenCapabilities:
+    """The probe's answer for one token: an entry per KMS key spec and algorithm."""
+
     token_label: str
     token_manufacturer: str
     token_model: str

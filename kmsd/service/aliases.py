@@ -26,7 +26,8 @@ def _check_alias_name(name: str) -> None:
 async def create_alias(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
     name = params["AliasName"]
     _check_alias_name(name)
-    target = await core.find_key(ctx, params["TargetKeyId"], allow_alias=False)
+    target = await core.authorized_key(ctx, "CreateAlias", params, params["TargetKeyId"],
+                                       allow_alias=False)
     await core.commit(commands.CreateAlias(ctx.region, name, target.key_id, core.clock.now()))
     return {}
 
@@ -34,7 +35,8 @@ async def create_alias(core: ServiceCore, ctx: RequestContext, params: dict[str,
 async def update_alias(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
     name = params["AliasName"]
     _check_alias_name(name)
-    target = await core.find_key(ctx, params["TargetKeyId"], allow_alias=False)
+    target = await core.authorized_key(ctx, "UpdateAlias", params, params["TargetKeyId"],
+                                       allow_alias=False)
     await core.commit(commands.UpdateAlias(ctx.region, name, target.key_id, core.clock.now()))
     return {}
 
@@ -44,9 +46,11 @@ async def delete_alias(core: ServiceCore, ctx: RequestContext, params: dict[str,
     _check_alias_name(name)
     if (ctx.region, name) not in core.state.aliases:
         await core.catch_up()
-    if (ctx.region, name) not in core.state.aliases:
+    alias = core.state.aliases.get((ctx.region, name))
+    if alias is None:
         raise NotFoundException(
             f"Alias {alias_arn(ctx.region, core.account_id, name)} is not found.")
+    await core.authorized_key(ctx, "DeleteAlias", params, alias.target_key_id)
     await core.commit(commands.DeleteAlias(ctx.region, name))
     return {}
 
@@ -63,6 +67,7 @@ def _alias_entry(alias: AliasRecord, account_id: str) -> dict[str, Any]:
 
 async def list_aliases(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
     aliases = [a for a in list(core.state.aliases.values()) if a.region == ctx.region]
+    await core.authorize(ctx, "ListAliases", None, params)
     if "KeyId" in params:
         record = await core.find_key(ctx, params["KeyId"], allow_alias=False)
         aliases = [a for a in aliases if a.target_key_id == record.key_id]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -19,3 +19,6 @@ class RequestContext:
     caller: Caller
     source_ip: str
     user_agent: str
+    secure_transport: bool = False
+    # (key id, key epoch) of every key-bound allow: re-checked when the audit record commits.
+    decisions: list[tuple[str, int]] = field(default_factory=list)

@@ -19,6 +19,7 @@ from cluster.state import (
     KmsState,
     Rejected,
 )
+from kmsd.auth.authorizer import Authorizer
 from kmsd.clock import Clock
 from kmsd.errors import (
     DisabledException,
@@ -43,6 +44,15 @@ class ServiceCore:
         self.clock = clock
         self.account_id = account_id
         self.regions = regions
+        self.authorizer = Authorizer(state)
+
+    async def authorize(self, ctx: RequestContext, operation: str, record: KeyRecord | None,
+                        params: dict[str, Any]) -> None:
+        """Key policy + identity policies + grants; AccessDeniedException if none allows."""
+        if self.authorizer.tokens_missing_locally(params.get("GrantTokens")):
+            # A grant token makes a new grant usable at once: wait for its log position.
+            await self.catch_up()
+        self.authorizer.check(ctx, operation, record, params)
 
     async def commit(self, command: commands.Command) -> Any:
         try:
@@ -66,6 +76,15 @@ class ServiceCore:
         except NotFoundException:
             await self.catch_up()
             return resolve_key(self.state, ctx.region, self.account_id, identifier, allow_alias)
+
+    async def authorized_key(self, ctx: RequestContext, operation: str, params: dict[str, Any],
+                             identifier: str | None = None,
+                             allow_alias: bool = True) -> KeyRecord:
+        """The key a request names, once the caller is allowed `operation` on it."""
+        record = await self.find_key(ctx, params["KeyId"] if identifier is None else identifier,
+                                     allow_alias)
+        await self.authorize(ctx, operation, record, params)
+        return record
 
     async def find_key_by_id(self, ctx: RequestContext, key_id: str) -> KeyRecord | None:
         record = self.state.keys.get(key_id)

@@ -55,16 +55,16 @@ def _dry_run(params: dict[str, Any]) -> None:
         raise DryRunOperationException(DRY_RUN_MESSAGE)
 
 
-async def _usable_symmetric_key(core: ServiceCore, ctx: RequestContext,
+async def _usable_symmetric_key(core: ServiceCore, ctx: RequestContext, operation: str,
                                 params: dict[str, Any]) -> KeyRecord:
-    record = await core.find_key(ctx, params["KeyId"])
+    record = await core.authorized_key(ctx, operation, params)
     _require_symmetric(record, params.get("EncryptionAlgorithm"))
     core.require_usable(record)
     return record
 
 
 async def encrypt(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
-    record = await _usable_symmetric_key(core, ctx, params)
+    record = await _usable_symmetric_key(core, ctx, "Encrypt", params)
     _dry_run(params)
     blob = _seal(core, record, params["Plaintext"], params.get("EncryptionContext"))
     return {"CiphertextBlob": blob, "KeyId": record.arn,
@@ -80,13 +80,13 @@ def _require_blob(params: dict[str, Any]) -> bytes:
     return params["CiphertextBlob"]
 
 
-async def _unseal(core: ServiceCore, ctx: RequestContext, blob_bytes: bytes,
-                  context: dict[str, str] | None, key_id: str | None,
+async def _unseal(core: ServiceCore, ctx: RequestContext, operation: str,
+                  params: dict[str, Any], context: dict[str, str] | None, key_id: str | None,
                   algorithm: str | None, dry_run: bool = False
                   ) -> tuple[KeyRecord, BackingKey, bytes]:
     """Authenticate and decrypt a ciphertext blob; every authentication failure is one error."""
     try:
-        blob = ciphertext_blob.parse(blob_bytes)
+        blob = ciphertext_blob.parse(_require_blob(params))
     except ciphertext_blob.MalformedCiphertext:
         raise InvalidCiphertextException() from None
     record = await core.find_key_by_id(ctx, blob.key_id)
@@ -99,6 +99,7 @@ async def _unseal(core: ServiceCore, ctx: RequestContext, blob_bytes: bytes,
             raise IncorrectKeyException(
                 "The key ID in the request does not identify a CMK that can perform this "
                 "operation.")
+    await core.authorize(ctx, operation, record, params)
     _require_symmetric(record, algorithm)
     core.require_usable(record)
     backing = record.backing_key(blob.backing_version)
@@ -117,7 +118,7 @@ async def _unseal(core: ServiceCore, ctx: RequestContext, blob_bytes: bytes,
 
 async def decrypt(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
     record, backing, plaintext = await _unseal(
-        core, ctx, _require_blob(params), params.get("EncryptionContext"), params.get("KeyId"),
+        core, ctx, "Decrypt", params, params.get("EncryptionContext"), params.get("KeyId"),
         params.get("EncryptionAlgorithm"), params.get("DryRun", False))
     return {"KeyId": record.arn, "Plaintext": plaintext, "EncryptionAlgorithm": SYMMETRIC_DEFAULT,
             "KeyMaterialId": key_material_id(backing.wrapped)}
@@ -125,9 +126,10 @@ async def decrypt(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]
 
 async def re_encrypt(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
     source, source_backing, plaintext = await _unseal(
-        core, ctx, _require_blob(params), params.get("SourceEncryptionContext"),
+        core, ctx, "ReEncryptFrom", params, params.get("SourceEncryptionContext"),
         params.get("SourceKeyId"), params.get("SourceEncryptionAlgorithm"))
-    destination = await core.find_key(ctx, params["DestinationKeyId"])
+    destination = await core.authorized_key(ctx, "ReEncryptTo", params,
+                                            params["DestinationKeyId"])
     _require_symmetric(destination, params.get("DestinationEncryptionAlgorithm"))
     core.require_usable(destination)
     if params.get("DryRun"):
@@ -150,9 +152,9 @@ def _data_key_length(params: dict[str, Any]) -> int:
 
 
 async def generate_data_key(core: ServiceCore, ctx: RequestContext,
-                            params: dict[str, Any]) -> dict:
+                            params: dict[str, Any], operation: str = "GenerateDataKey") -> dict:
     length = _data_key_length(params)
-    record = await _usable_symmetric_key(core, ctx, params)
+    record = await _usable_symmetric_key(core, ctx, operation, params)
     _dry_run(params)
     data_key = core.random(length)
     blob = _seal(core, record, data_key, params.get("EncryptionContext"))
@@ -161,7 +163,7 @@ async def generate_data_key(core: ServiceCore, ctx: RequestContext,
 
 async def generate_data_key_without_plaintext(core: ServiceCore, ctx: RequestContext,
                                               params: dict[str, Any]) -> dict:
-    response = await generate_data_key(core, ctx, params)
+    response = await generate_data_key(core, ctx, params, "GenerateDataKeyWithoutPlaintext")
     del response["Plaintext"]
     return response
 
@@ -169,6 +171,7 @@ async def generate_data_key_without_plaintext(core: ServiceCore, ctx: RequestCon
 async def generate_random(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
     if params.get("CustomKeyStoreId"):
         raise UnsupportedOperationException("kmsd has no custom key stores yet.")
+    await core.authorize(ctx, "GenerateRandom", None, params)
     number_of_bytes = params.get("NumberOfBytes")
     if number_of_bytes is None:
         raise ValidationException("NumberOfBytes is required.")

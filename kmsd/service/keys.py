@@ -12,13 +12,15 @@ from typing import Any
 
 from cluster import commands
 from cluster.state import KEY_STATE_ENABLED, KEY_STATE_PENDING_DELETION, SECONDS_PER_DAY, KeyRecord
-from kmsd.errors import UnsupportedOperationException, ValidationException
+from kmsd.auth.policy import PolicyKind, lockout_safety_check, parse_policy
+from kmsd.errors import NotFoundException, UnsupportedOperationException, ValidationException
 from kmsd.service.context import RequestContext
 from kmsd.service.core import ServiceCore
 from kmsd.service.pagination import page_response, paginate
 from kmsd.service.rotation import key_material_id
 from kmsd.service.tags import checked_tags
 
+POLICY_NAME = "default"
 DEFAULT_PENDING_WINDOW_DAYS = 30
 MIN_PENDING_WINDOW_DAYS = 7
 MAX_PENDING_WINDOW_DAYS = 30
@@ -78,6 +80,9 @@ async def create_key(core: ServiceCore, ctx: RequestContext, params: dict[str, A
         raise UnsupportedOperationException("kmsd has no custom key stores yet.")
     if params.get("MultiRegion"):
         raise UnsupportedOperationException("kmsd does not support multi-Region keys.")
+    await core.authorize(ctx, "CreateKey", None, params)
+    policy = params.get("Policy") or default_key_policy(core.account_id)
+    _check_key_policy(core, ctx, policy, None, params)
     command = commands.CreateKey(
         key_id=str(uuid.uuid4()),
         region=ctx.region,
@@ -86,7 +91,7 @@ async def create_key(core: ServiceCore, ctx: RequestContext, params: dict[str, A
         key_usage=key_usage,
         key_spec=key_spec,
         origin="AWS_KMS",
-        policy=params.get("Policy") or default_key_policy(core.account_id),
+        policy=policy,
         tags=checked_tags(params.get("Tags", [])),
         wrapped_backing_key=core.hsm.generate_wrapped_aes_key(),
         at=core.clock.now(),
@@ -96,11 +101,12 @@ async def create_key(core: ServiceCore, ctx: RequestContext, params: dict[str, A
 
 
 async def describe_key(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
-    record = await core.find_key(ctx, params["KeyId"])
+    record = await core.authorized_key(ctx, "DescribeKey", params)
     return {"KeyMetadata": key_metadata(record)}
 
 
 async def list_keys(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
+    await core.authorize(ctx, "ListKeys", None, params)
     keys = [k for k in list(core.state.keys.values()) if k.region == ctx.region]
     page, next_marker = paginate("ListKeys", keys, lambda k: k.key_id,
                                  params.get("Limit"), params.get("Marker"))
@@ -110,7 +116,7 @@ async def list_keys(core: ServiceCore, ctx: RequestContext, params: dict[str, An
 
 async def _set_enabled(core: ServiceCore, ctx: RequestContext, params: dict[str, Any],
                        enabled: bool) -> dict:
-    record = await core.find_key(ctx, params["KeyId"])
+    record = await core.authorized_key(ctx, "EnableKey" if enabled else "DisableKey", params)
     await core.commit(commands.SetKeyEnabled(record.key_id, enabled, core.clock.now()))
     return {}
 
@@ -125,14 +131,14 @@ async def disable_key(core: ServiceCore, ctx: RequestContext, params: dict[str, 
 
 async def update_key_description(core: ServiceCore, ctx: RequestContext,
                                  params: dict[str, Any]) -> dict:
-    record = await core.find_key(ctx, params["KeyId"], allow_alias=False)
+    record = await core.authorized_key(ctx, "UpdateKeyDescription", params, allow_alias=False)
     await core.commit(commands.UpdateKeyDescription(record.key_id, params["Description"]))
     return {}
 
 
 async def schedule_key_deletion(core: ServiceCore, ctx: RequestContext,
                                 params: dict[str, Any]) -> dict:
-    record = await core.find_key(ctx, params["KeyId"], allow_alias=False)
+    record = await core.authorized_key(ctx, "ScheduleKeyDeletion", params, allow_alias=False)
     window = params.get("PendingWindowInDays") or DEFAULT_PENDING_WINDOW_DAYS
     # The model allows 1-365; the service accepts a waiting period of 7 to 30 days.
     if not MIN_PENDING_WINDOW_DAYS <= window <= MAX_PENDING_WINDOW_DAYS:
@@ -150,19 +156,44 @@ async def schedule_key_deletion(core: ServiceCore, ctx: RequestContext,
 
 async def cancel_key_deletion(core: ServiceCore, ctx: RequestContext,
                               params: dict[str, Any]) -> dict:
-    record = await core.find_key(ctx, params["KeyId"], allow_alias=False)
+    record = await core.authorized_key(ctx, "CancelKeyDeletion", params, allow_alias=False)
     await core.commit(commands.CancelKeyDeletion(record.key_id))
     return {"KeyId": record.arn}
 
 
+def _check_policy_name(params: dict[str, Any]) -> None:
+    name = params.get("PolicyName", POLICY_NAME)
+    if name != POLICY_NAME:
+        raise NotFoundException(f"No such policy exists: {name}. The only valid value is "
+                                f"{POLICY_NAME}.")
+
+
+def _check_key_policy(core: ServiceCore, ctx: RequestContext, policy: str,
+                      record: KeyRecord | None, params: dict[str, Any]) -> None:
+    """Parse (MalformedPolicyDocumentException) and, unless bypassed, the lockout check."""
+    parsed = parse_policy(policy, PolicyKind.KEY)
+    if not params.get("BypassPolicyLockoutSafetyCheck"):
+        lockout_safety_check(parsed, ctx.caller.principal_arn, core.account_id,
+                             key_arn=record.arn if record is not None else None)
+
+
 async def get_key_policy(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
-    record = await core.find_key(ctx, params["KeyId"], allow_alias=False)
-    return {"Policy": record.policy, "PolicyName": "default"}
+    record = await core.authorized_key(ctx, "GetKeyPolicy", params, allow_alias=False)
+    _check_policy_name(params)
+    return {"Policy": record.policy, "PolicyName": POLICY_NAME}
+
+
+async def put_key_policy(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
+    record = await core.authorized_key(ctx, "PutKeyPolicy", params, allow_alias=False)
+    _check_policy_name(params)
+    _check_key_policy(core, ctx, params["Policy"], record, params)
+    await core.commit(commands.PutKeyPolicy(record.key_id, params["Policy"]))
+    return {}
 
 
 async def list_key_policies(core: ServiceCore, ctx: RequestContext,
                             params: dict[str, Any]) -> dict:
-    await core.find_key(ctx, params["KeyId"], allow_alias=False)
+    await core.authorized_key(ctx, "ListKeyPolicies", params, allow_alias=False)
     page, next_marker = paginate("ListKeyPolicies", ["default"], lambda name: name,
                                  params.get("Limit"), params.get("Marker"))
     return page_response("PolicyNames", page, next_marker)

@@ -35,7 +35,7 @@ def _require_rotatable(record: KeyRecord) -> None:
 
 async def enable_key_rotation(core: ServiceCore, ctx: RequestContext,
                               params: dict[str, Any]) -> dict:
-    record = await core.find_key(ctx, params["KeyId"], allow_alias=False)
+    record = await core.authorized_key(ctx, "EnableKeyRotation", params, allow_alias=False)
     _require_rotatable(record)
     period = params.get("RotationPeriodInDays") or DEFAULT_ROTATION_PERIOD_DAYS
     await core.commit(commands.SetKeyRotation(record.key_id, True, period, core.clock.now()))
@@ -44,7 +44,7 @@ async def enable_key_rotation(core: ServiceCore, ctx: RequestContext,
 
 async def disable_key_rotation(core: ServiceCore, ctx: RequestContext,
                                params: dict[str, Any]) -> dict:
-    record = await core.find_key(ctx, params["KeyId"], allow_alias=False)
+    record = await core.authorized_key(ctx, "DisableKeyRotation", params, allow_alias=False)
     _require_rotatable(record)
     await core.commit(commands.SetKeyRotation(record.key_id, False, 0, core.clock.now()))
     return {}
@@ -52,7 +52,7 @@ async def disable_key_rotation(core: ServiceCore, ctx: RequestContext,
 
 async def get_key_rotation_status(core: ServiceCore, ctx: RequestContext,
                                   params: dict[str, Any]) -> dict:
-    record = await core.find_key(ctx, params["KeyId"], allow_alias=False)
+    record = await core.authorized_key(ctx, "GetKeyRotationStatus", params, allow_alias=False)
     _require_rotatable(record)
     response: dict[str, Any] = {"KeyRotationEnabled": record.rotation_enabled,
                                 "KeyId": record.arn}
@@ -71,7 +71,7 @@ async def rotate(core: ServiceCore, record: KeyRecord, rotation_type: str) -> Ke
 
 async def rotate_key_on_demand(core: ServiceCore, ctx: RequestContext,
                                params: dict[str, Any]) -> dict:
-    record = await core.find_key(ctx, params["KeyId"], allow_alias=False)
+    record = await core.authorized_key(ctx, "RotateKeyOnDemand", params, allow_alias=False)
     _require_rotatable(record)
     await rotate(core, record, ROTATION_ON_DEMAND)
     return {"KeyId": record.arn}
@@ -79,7 +79,7 @@ async def rotate_key_on_demand(core: ServiceCore, ctx: RequestContext,
 
 async def list_key_rotations(core: ServiceCore, ctx: RequestContext,
                              params: dict[str, Any]) -> dict:
-    record = await core.find_key(ctx, params["KeyId"], allow_alias=False)
+    record = await core.authorized_key(ctx, "ListKeyRotations", params, allow_alias=False)
     _require_rotatable(record)
     include_all = params.get("IncludeKeyMaterial") == "ALL_KEY_MATERIAL"
     versions = [b for b in record.backing_keys if include_all or b.rotation_type is not None]

@@ -26,21 +26,21 @@ def checked_tags(tags: list[dict[str, str]]) -> tuple[tuple[str, str], ...]:
 
 
 async def tag_resource(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
-    record = await core.find_key(ctx, params["KeyId"], allow_alias=False)
+    record = await core.authorized_key(ctx, "TagResource", params, allow_alias=False)
     await core.commit(commands.TagKey(record.key_id, checked_tags(params["Tags"]),
                                       MAX_TAGS_PER_KEY))
     return {}
 
 
 async def untag_resource(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
-    record = await core.find_key(ctx, params["KeyId"], allow_alias=False)
+    record = await core.authorized_key(ctx, "UntagResource", params, allow_alias=False)
     await core.commit(commands.UntagKey(record.key_id, tuple(params["TagKeys"])))
     return {}
 
 
 async def list_resource_tags(core: ServiceCore, ctx: RequestContext,
                              params: dict[str, Any]) -> dict:
-    record = await core.find_key(ctx, params["KeyId"], allow_alias=False)
+    record = await core.authorized_key(ctx, "ListResourceTags", params, allow_alias=False)
     page, next_marker = paginate("ListResourceTags", list(record.tags), lambda t: t[0],
                                  params.get("Limit"), params.get("Marker"), default_limit=50)
     return page_response("Tags", [{"TagKey": k, "TagValue": v} for k, v in page], next_marker)
