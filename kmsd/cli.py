@@ -11,6 +11,9 @@ import sys
 from kmsd import config as config_module
 from kmsd import log_setup
 
+INIT_ACCESS_KEY_ENV = "KMSD_INIT_ACCESS_KEY_ID"
+INIT_SECRET_ENV = "KMSD_INIT_SECRET_ACCESS_KEY"
+
 
 def _open_partition(config_path: str):  # -> HsmPartition
     from kmsd.hsm.partition import HsmPartition
@@ -39,6 +42,24 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         account_id=args.account_id, regions=regions, access_key_id=args.access_key_id,
         secret_access_key=args.secret_access_key, scheduler_interval=args.scheduler_interval,
         test_clock=args.test_clock))
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from kmsd import bootstrap
+
+    cfg = config_module.load(args.config)
+    partition = _open_partition(args.config)
+    try:
+        # Fixed credentials come through the environment, never the command line.
+        access_key_id, secret = bootstrap.init(
+            partition, cfg.data_dir, os.environ.get(INIT_ACCESS_KEY_ENV),
+            os.environ.get(INIT_SECRET_ENV))
+        print(json.dumps({"account_id": cfg.account_id,
+                          "principal_arn": f"arn:aws:iam::{cfg.account_id}:root",
+                          "access_key_id": access_key_id, "secret_access_key": secret}))
+    finally:
+        partition.close()
+    return 0
 
 
 def _cmd_hsm(args: argparse.Namespace) -> int:
@@ -73,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one node")
     serve.add_argument("--config", required=True)
     serve.set_defaults(func=_cmd_serve)
+
+    init = sub.add_parser("init", help="create the domain key (if absent) and a root access key;"
+                                       " prints the access key once")
+    init.add_argument("--config", required=True)
+    init.set_defaults(func=_cmd_init)
 
     dev = sub.add_parser("dev", help="run a local cluster with SoftHSM2 tokens")
     dev.add_argument("--nodes", type=int, default=3)
@@ -114,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     except config_module.ConfigError as exc:
         print(f"kmsd: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # an HSM refusal at start-up: say why, without a traceback
+        from kmsd.hsm.partition import HsmError
+
+        if isinstance(exc, HsmError):
+            print(f"kmsd: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -23,19 +23,18 @@ from aiohttp import web
 from cluster import commands
 from cluster.raft_node import RaftNode, RaftSettings, RaftUnavailable
 from cluster.state import Applied, KeyRecord, KmsState, Rejected
+from kmsd import bootstrap
 from kmsd.api.admin import make_admin_app
 from kmsd.api.protocol import Authenticator, KmsProtocol
 from kmsd.api.validation import RequestValidator
-from kmsd.auth.credentials import CredentialStore, secret_aad
+from kmsd.auth.credentials import CredentialStore
 from kmsd.auth.sigv4 import SigV4Verifier
 from kmsd.clock import Clock, OffsetClock, SystemClock
 from kmsd.config import NodeConfig
 from kmsd.hsm.partition import HsmPartition
+from kmsd.service import principals
 from kmsd.service.core import ServiceCore
 from kmsd.service.scheduler import KeyScheduler
-
-BOOTSTRAP_ACCESS_KEY_ENV = "KMSD_BOOTSTRAP_ACCESS_KEY_ID"
-BOOTSTRAP_SECRET_ENV = "KMSD_BOOTSTRAP_SECRET_ACCESS_KEY"
 
 log = structlog.get_logger("kmsd.node")
 
@@ -117,16 +116,16 @@ class Node:
         log.info("node_ready", domain_key_check=self.domain_key_check)
 
     async def _bootstrap_credentials(self) -> None:
-        access_key_id = os.environ.get(BOOTSTRAP_ACCESS_KEY_ENV)
-        secret = os.environ.get(BOOTSTRAP_SECRET_ENV)
-        if not access_key_id or not secret or access_key_id in self.state.access_keys:
+        await principals.ensure_root(self.core)
+        sealed = bootstrap.pending(self.config.data_dir)
+        if sealed is None:
             return
-        sealed = self.hsm.seal(secret.encode(), secret_aad(access_key_id))
-        await self.raft.submit(commands.PutAccessKey(
-            access_key_id=access_key_id,
-            principal_arn=f"arn:aws:iam::{self.config.account_id}:root",
-            account_id=self.config.account_id, wrapped_secret=sealed, at=self.clock.now()))
-        log.info("bootstrap_access_key_added", access_key_id=access_key_id)
+        if sealed.access_key_id not in self.state.access_keys:
+            await principals.add_sealed_access_key(
+                self.core, principals.root_arn(self.config.account_id), sealed.access_key_id,
+                sealed.sealed_secret)
+            log.info("bootstrap_access_key_added", access_key_id=sealed.access_key_id)
+        bootstrap.done(self.config.data_dir)
 
     # -- status --------------------------------------------------------------
 
@@ -169,8 +168,7 @@ class Node:
         self._loop = asyncio.get_running_loop()
         self.raft.start()
         for app, listen in ((self.api_app(), self.config.api_listen),
-                            (make_admin_app(self.authenticator, self.status,
-                                            lambda: list(self.state.nodes.values())),
+                            (make_admin_app(self.authenticator, self.core, self.status),
                              self.config.admin_listen)):
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()

@@ -1,13 +1,23 @@
 """The admin API that kmsctl talks to: a separate port, the same SigV4 credentials.
 
 Routes:
-    GET /v1/node/status       this node: role, term, indexes, HSM token, domain key
-    GET /v1/cluster/members   the members recorded in the replicated state
+    GET    /v1/node/status                                   this node's role, indexes, HSM
+    GET    /v1/cluster/members                               members in the replicated state
+    GET    /v1/principals                                    users, roles, the account root
+    POST   /v1/principals                  {"Kind", "Name"}  create a user or role
+    DELETE /v1/principals/{kind}/{name}                      delete it and its access keys
+    POST   /v1/principals/{kind}/{name}/access-keys          new key; the secret is shown once
+    DELETE /v1/access-keys/{access_key_id}
+    PUT    /v1/principals/{kind}/{name}/policies/{policy}    attach an identity policy
+    DELETE /v1/principals/{kind}/{name}/policies/{policy}
+
+Principal management is for the account root only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,32 +25,101 @@ from typing import Any
 from aiohttp import web
 
 from kmsd.api.protocol import Authenticator, error_response, json_response
-from kmsd.errors import KmsError
+from kmsd.errors import KmsError, SerializationException
+from kmsd.service import principals
+from kmsd.service.context import Caller
+from kmsd.service.core import ServiceCore
 
 StatusSource = Callable[[], dict[str, Any]]
+_CALLER = web.AppKey("caller", Caller)
 
 
-def make_admin_app(authenticator: Authenticator, node_status: StatusSource,
-                   members: Callable[[], list[Any]]) -> web.Application:
+def make_admin_app(authenticator: Authenticator, core: ServiceCore,
+                   node_status: StatusSource) -> web.Application:
     @web.middleware
     async def authenticate(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                            ) -> web.StreamResponse:
         request_id = str(uuid.uuid4())
         try:
-            authenticator.authenticate(request, await request.read())
+            caller, _region = authenticator.authenticate(request, await request.read())
+            request[_CALLER] = caller
+            return await handler(request)
         except KmsError as error:
             return error_response(error, request_id)
-        return await handler(request)
+
+    def respond(body: dict[str, Any], status: int = 200) -> web.Response:
+        return json_response(body, str(uuid.uuid4()), status)
+
+    def root_only(request: web.Request) -> None:
+        principals.require_root(request[_CALLER])
+
+    async def body_json(request: web.Request) -> Any:
+        try:
+            return json.loads(await request.read() or b"{}")
+        except ValueError:
+            raise SerializationException("The request body is not valid JSON.") from None
 
     async def status(_request: web.Request) -> web.Response:
-        return json_response(node_status(), str(uuid.uuid4()))
+        return respond(node_status())
 
     async def cluster_members(_request: web.Request) -> web.Response:
-        return json_response({"members": [dataclasses.asdict(m) for m in members()]},
-                             str(uuid.uuid4()))
+        return respond({"members": [dataclasses.asdict(m)
+                                    for m in list(core.state.nodes.values())]})
 
-    app = web.Application(middlewares=[authenticate])
+    async def list_principals(request: web.Request) -> web.Response:
+        root_only(request)
+        records = sorted(list(core.state.principals.values()), key=lambda p: p.arn)
+        return respond({"Principals": [principals.describe(core, p) for p in records]})
+
+    async def create_principal(request: web.Request) -> web.Response:
+        root_only(request)
+        body = await body_json(request)
+        if not isinstance(body, dict):
+            raise SerializationException("Expected a JSON object.")
+        record = await principals.create_principal(core, str(body.get("Kind", "")),
+                                                   str(body.get("Name", "")))
+        return respond({"Principal": principals.describe(core, record)})
+
+    async def delete_principal(request: web.Request) -> web.Response:
+        root_only(request)
+        await principals.delete_principal(core, request.match_info["kind"],
+                                          request.match_info["name"])
+        return respond({})
+
+    async def create_access_key(request: web.Request) -> web.Response:
+        root_only(request)
+        key = await principals.create_access_key(core, request.match_info["kind"],
+                                                 request.match_info["name"])
+        return respond({"AccessKeyId": key.access_key_id,
+                        "SecretAccessKey": key.secret_access_key})
+
+    async def delete_access_key(request: web.Request) -> web.Response:
+        root_only(request)
+        await principals.delete_access_key(core, request.match_info["access_key_id"])
+        return respond({})
+
+    async def put_policy(request: web.Request) -> web.Response:
+        root_only(request)
+        document = (await request.read()).decode("utf-8", "replace")
+        await principals.put_policy(core, request.match_info["kind"], request.match_info["name"],
+                                    request.match_info["policy"], document)
+        return respond({})
+
+    async def delete_policy(request: web.Request) -> web.Response:
+        root_only(request)
+        await principals.delete_policy(core, request.match_info["kind"],
+                                       request.match_info["name"], request.match_info["policy"])
+        return respond({})
+
+    app = web.Application(middlewares=[authenticate], client_max_size=64 * 1024)
     app.router.add_get("/v1/node/status", status)
     app.router.add_get("/v1/cluster/members", cluster_members)
+    app.router.add_get("/v1/principals", list_principals)
+    app.router.add_post("/v1/principals", create_principal)
+    app.router.add_delete("/v1/principals/{kind}/{name}", delete_principal)
+    app.router.add_post("/v1/principals/{kind}/{name}/access-keys", create_access_key)
+    app.router.add_delete("/v1/access-keys/{access_key_id}", delete_access_key)
+    app.router.add_put("/v1/principals/{kind}/{name}/policies/{policy}", put_policy)
+    app.router.add_delete("/v1/principals/{kind}/{name}/policies/{policy}", delete_policy)
     return app

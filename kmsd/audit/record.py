@@ -172,7 +172,8 @@ _TAG: Mapping[str, _Render] = {"TagKey": _scalar, "TagValue": _scalar}
 # same thing in every operation that has it). Deliberately absent, and so never logged:
 # Plaintext, CiphertextBlob, Message, Signature, Mac, PublicKey, ImportToken,
 # EncryptedKeyMaterial, SharedSecretCiphertextBlob, Recipient.AttestationDocument,
-# KeyStorePassword, XksProxyAuthenticationCredential.RawSecretAccessKey, and anything new.
+# KeyStorePassword, XksProxyAuthenticationCredential (both its members are `sensitive` in the
+# model), and anything new.
 REQUEST_MEMBERS: Mapping[str, _Render] = {
     # which key, which alias
     "KeyId": _scalar, "SourceKeyId": _scalar, "DestinationKeyId": _scalar,
@@ -202,13 +203,12 @@ REQUEST_MEMBERS: Mapping[str, _Render] = {
     "WrappingAlgorithm": _scalar, "WrappingKeySpec": _scalar, "ValidTo": _timestamp,
     "ExpirationModel": _scalar, "ImportType": _scalar, "KeyMaterialDescription": _scalar,
     "KeyMaterialId": _scalar,
-    # custom key stores (never the password, never the XKS secret access key)
+    # custom key stores (never the password, never the XKS proxy credential)
     "CustomKeyStoreId": _scalar, "CustomKeyStoreName": _scalar,
     "NewCustomKeyStoreName": _scalar, "CustomKeyStoreType": _scalar,
     "CloudHsmClusterId": _scalar, "XksProxyUriEndpoint": _scalar, "XksProxyUriPath": _scalar,
     "XksProxyVpcEndpointServiceName": _scalar, "XksProxyVpcEndpointServiceOwner": _scalar,
     "XksProxyConnectivity": _scalar,
-    "XksProxyAuthenticationCredential": _structure({"AccessKeyId": _scalar}),
     # listing
     "Limit": _scalar, "Marker": _scalar, "ResourceOwners": _string_list,
     "IncludeKeyMaterial": _scalar,

@@ -32,8 +32,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from kmsd.cli import INIT_ACCESS_KEY_ENV, INIT_SECRET_ENV
 from kmsd.hsm.partition import softhsm_module_path
-from kmsd.node import BOOTSTRAP_ACCESS_KEY_ENV, BOOTSTRAP_SECRET_ENV
 
 READY_TIMEOUT_SECONDS = 60.0
 
@@ -194,8 +194,8 @@ class DevCluster:
         os.makedirs(self.root, exist_ok=True)
         self.nodes = [DevNode(i, os.path.join(self.root, f"node-{i}"), options.base_port)
                       for i in range(1, options.nodes + 1)]
-        self.access_key_id = options.access_key_id or "AKIA" + _random_text(16).upper()
-        self.secret_access_key = options.secret_access_key or _random_text(40)
+        self.access_key_id = ""
+        self.secret_access_key = ""
 
     def prepare(self) -> None:
         fresh = not all(os.path.exists(os.path.join(n.root, "pin")) for n in self.nodes)
@@ -207,25 +207,27 @@ class DevCluster:
                 raft_secret = handle.read().strip()
         for node in self.nodes:
             write_node_files(node, self.nodes, self.options, raft_secret)
-        if not fresh:
-            return
-        for node in self.nodes:
-            init_token(node)
-        _kmsd("hsm", "init-domain-key", "--config", self.nodes[0].config_path)
-        for node in self.nodes[1:]:
-            clone_domain_key(self.nodes[0], node)
+        if fresh:
+            for node in self.nodes:
+                init_token(node)
+            _kmsd("hsm", "init-domain-key", "--config", self.nodes[0].config_path)
+            for node in self.nodes[1:]:
+                clone_domain_key(self.nodes[0], node)
+        # Every start prints working credentials: fixed ones if given, else a new root key.
+        env = dict(os.environ)
+        if self.options.access_key_id and self.options.secret_access_key:
+            env[INIT_ACCESS_KEY_ENV] = self.options.access_key_id
+            env[INIT_SECRET_ENV] = self.options.secret_access_key
+        created = _kmsd("init", "--config", self.nodes[0].config_path, env=env)
+        self.access_key_id = created["access_key_id"]
+        self.secret_access_key = created["secret_access_key"]
 
     def start(self) -> None:
         for node in self.nodes:
-            env = {k: v for k, v in os.environ.items()
-                   if k not in (BOOTSTRAP_ACCESS_KEY_ENV, BOOTSTRAP_SECRET_ENV)}
-            if node.index == 1:
-                env[BOOTSTRAP_ACCESS_KEY_ENV] = self.access_key_id
-                env[BOOTSTRAP_SECRET_ENV] = self.secret_access_key
             log = open(os.path.join(node.root, "node.log"), "ab")  # noqa: SIM115
             node.process = subprocess.Popen(
                 [sys.executable, "-m", "kmsd.cli", "serve", "--config", node.config_path],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
             log.close()
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_SECONDS) -> None:
@@ -242,6 +244,30 @@ class DevCluster:
                 if _http_ok(node.endpoint + "/readyz"):
                     pending.remove(node)
             time.sleep(0.1)
+
+    def wait_credentials(self, timeout: float = READY_TIMEOUT_SECONDS) -> None:
+        """Wait until every node accepts the printed credentials (their key has replicated)."""
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        from botocore.credentials import Credentials
+
+        credentials = Credentials(self.access_key_id, self.secret_access_key)
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            url = node.admin_endpoint + "/v1/node/status"
+            while True:
+                request = AWSRequest(method="GET", url=url, data=b"")
+                SigV4Auth(credentials, "kms", self.options.regions[0]).add_auth(request)
+                http = urllib.request.Request(url, headers=dict(request.prepare().headers))
+                try:
+                    with urllib.request.urlopen(http, timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except (urllib.error.URLError, OSError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{node.node_id} does not accept the dev credentials")
+                time.sleep(0.1)
 
     def summary(self) -> dict:
         return {
@@ -288,6 +314,7 @@ def run_dev_cluster(options: DevClusterOptions) -> int:
         cluster.prepare()
         cluster.start()
         cluster.wait_ready()
+        cluster.wait_credentials()
         print(json.dumps(cluster.summary()), flush=True)
         while not stop_requested:
             time.sleep(0.2)

@@ -8,7 +8,6 @@ in plaintext.
 
 from __future__ import annotations
 
-import base64
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,7 @@ from cluster import commands
 from cluster.state import PrincipalRecord
 from kmsd.auth.credentials import secret_aad
 from kmsd.auth.policy import PolicyKind, parse_policy
+from kmsd.bootstrap import new_access_key_id, new_secret
 from kmsd.errors import AccessDeniedException, NotFoundException, ValidationException
 from kmsd.service.context import Caller
 from kmsd.service.core import ServiceCore
@@ -24,7 +24,6 @@ from kmsd.service.core import ServiceCore
 KINDS = ("user", "role")
 _NAME = re.compile(r"^[\w+=,.@-]{1,64}$")
 _POLICY_NAME = re.compile(r"^[\w+=,.@-]{1,128}$")
-_BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 
 
 @dataclass(frozen=True)
@@ -85,13 +84,14 @@ async def delete_principal(core: ServiceCore, kind: str, name: str) -> None:
     await core.commit(commands.DeletePrincipal(principal_arn(core.account_id, kind, name)))
 
 
-def new_access_key_id(random: bytes) -> str:
-    return "AKIA" + "".join(_BASE32[b % 32] for b in random[:16])
-
-
 async def add_access_key(core: ServiceCore, arn: str, access_key_id: str,
                          secret: str) -> None:
-    sealed = core.hsm.seal(secret.encode(), secret_aad(access_key_id))
+    await add_sealed_access_key(core, arn, access_key_id,
+                                core.hsm.seal(secret.encode(), secret_aad(access_key_id)))
+
+
+async def add_sealed_access_key(core: ServiceCore, arn: str, access_key_id: str,
+                                sealed: bytes) -> None:
     await core.commit(commands.PutAccessKey(access_key_id, arn, core.account_id, sealed,
                                             core.clock.now()))
 
@@ -99,7 +99,7 @@ async def add_access_key(core: ServiceCore, arn: str, access_key_id: str,
 async def create_access_key(core: ServiceCore, kind: str, name: str) -> NewAccessKey:
     arn = _existing(core, principal_arn(core.account_id, kind, name)).arn
     access_key_id = new_access_key_id(core.random(16))
-    secret = base64.b64encode(core.random(30)).decode()
+    secret = new_secret(core.random(30))
     await add_access_key(core, arn, access_key_id, secret)
     return NewAccessKey(access_key_id, secret)
 
