@@ -27,11 +27,16 @@ class AdminClient:
         self.credentials = credentials
 
     def get(self, path: str, endpoint: str | None = None) -> dict[str, Any]:
+        return self.call("GET", path, endpoint=endpoint)
+
+    def call(self, method: str, path: str, body: bytes = b"",
+             endpoint: str | None = None) -> dict[str, Any]:
         url = (endpoint or self.endpoint).rstrip("/") + path
-        request = AWSRequest(method="GET", url=url, data=b"")
+        request = AWSRequest(method=method, url=url, data=body)
         SigV4Auth(self.credentials, "kms", self.region).add_auth(request)
         prepared = request.prepare()
-        http_request = urllib.request.Request(url, headers=dict(prepared.headers), method="GET")
+        http_request = urllib.request.Request(url, data=body or None,
+                                              headers=dict(prepared.headers), method=method)
         try:
             with urllib.request.urlopen(http_request, timeout=5) as response:
                 return json.loads(response.read())
@@ -95,15 +100,68 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="group", required=True)
     cluster = sub.add_parser("cluster").add_subparsers(dest="action", required=True)
     cluster.add_parser("status", help="members, AZ, role, term, commit index")
+
+    principal = sub.add_parser("principal", help="users and roles").add_subparsers(
+        dest="action", required=True)
+    for action in ("create", "delete"):
+        cmd = principal.add_parser(action)
+        cmd.add_argument("kind", choices=("user", "role"))
+        cmd.add_argument("name")
+    principal.add_parser("list")
+
+    access_key = sub.add_parser("access-key", help="access keys").add_subparsers(
+        dest="action", required=True)
+    create_key = access_key.add_parser("create", help="prints the secret once")
+    create_key.add_argument("kind", choices=("user", "role"))
+    create_key.add_argument("name")
+    delete_key = access_key.add_parser("delete")
+    delete_key.add_argument("access_key_id")
+
+    policy = sub.add_parser("policy", help="identity policies").add_subparsers(
+        dest="action", required=True)
+    attach = policy.add_parser("attach")
+    detach = policy.add_parser("detach")
+    for cmd in (attach, detach):
+        cmd.add_argument("kind", choices=("user", "role"))
+        cmd.add_argument("name")
+        cmd.add_argument("policy_name")
+    attach.add_argument("--file", required=True, help="the policy document ('-' for stdin)")
+
     args = parser.parse_args(argv)
     client = _client(args)
-    if args.group == "cluster" and args.action == "status":
+    result = _run(client, args)
+    if result is not None:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def _run(client: AdminClient, args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.group == "cluster":
         status = cluster_status(client)
         if args.json:
-            print(json.dumps(status, indent=2))
+            return status
+        _print_status(status)
+        return None
+    if args.group == "principal":
+        if args.action == "list":
+            return client.get("/v1/principals")
+        if args.action == "create":
+            body = json.dumps({"Kind": args.kind, "Name": args.name}).encode()
+            return client.call("POST", "/v1/principals", body)
+        return client.call("DELETE", f"/v1/principals/{args.kind}/{args.name}")
+    if args.group == "access-key":
+        if args.action == "create":
+            return client.call("POST", f"/v1/principals/{args.kind}/{args.name}/access-keys")
+        return client.call("DELETE", f"/v1/access-keys/{args.access_key_id}")
+    path = f"/v1/principals/{args.kind}/{args.name}/policies/{args.policy_name}"
+    if args.action == "attach":
+        if args.file == "-":
+            document = sys.stdin.read()
         else:
-            _print_status(status)
-    return 0
+            with open(args.file, encoding="utf-8") as handle:
+                document = handle.read()
+        return client.call("PUT", path, document.encode())
+    return client.call("DELETE", path)
 
 
 if __name__ == "__main__":

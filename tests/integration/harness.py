@@ -93,13 +93,46 @@ class Cluster:
                           connect_timeout=3, read_timeout=15))
 
     def admin_get(self, node: int, path: str) -> dict[str, Any]:
+        return self.admin(node, "GET", path)
+
+    def admin(self, node: int, method: str, path: str, body: bytes = b"",
+              credentials: Credentials | None = None) -> dict[str, Any]:
+        """A signed admin API call; an HTTP error is raised as urllib's HTTPError."""
         url = self.info["admin_endpoints"][node] + path
-        request = AWSRequest(method="GET", url=url, data=b"")
-        SigV4Auth(self.credentials(), "kms", self.region).add_auth(request)
+        request = AWSRequest(method=method, url=url, data=body)
+        SigV4Auth(credentials or self.credentials(), "kms", self.region).add_auth(request)
         prepared = request.prepare()
-        http = urllib.request.Request(url, headers=dict(prepared.headers), method="GET")
-        with urllib.request.urlopen(http, timeout=3) as response:
+        http = urllib.request.Request(url, data=body or None, headers=dict(prepared.headers),
+                                      method=method)
+        with urllib.request.urlopen(http, timeout=10) as response:
             return json.loads(response.read())
+
+    def new_user(self, name: str, policy: dict[str, Any] | None = None) -> dict[str, str]:
+        """Create a user (and optionally attach an identity policy); returns its access key."""
+        self.admin(0, "POST", "/v1/principals",
+                   json.dumps({"Kind": "user", "Name": name}).encode())
+        if policy is not None:
+            self.admin(0, "PUT", f"/v1/principals/user/{name}/policies/main",
+                       json.dumps(policy).encode())
+        key = self.admin(0, "POST", f"/v1/principals/user/{name}/access-keys")
+        user = {"arn": f"arn:aws:iam::{self.info['account_id']}:user/{name}",
+                "access_key_id": key["AccessKeyId"], "secret_access_key": key["SecretAccessKey"]}
+        for node in range(self.size):  # known everywhere before the test goes on
+            wait_for(lambda n=node: self._recognised(n, user), 10, what="the new access key")
+        return user
+
+    def _recognised(self, node: int, user: dict[str, str]) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.as_user(node, user).list_aliases(Limit=1)
+        except ClientError as error:
+            return error.response["Error"]["Code"] == "AccessDeniedException"
+        return True
+
+    def as_user(self, node: int, user: dict[str, str]) -> Any:
+        return self.client(node, access_key_id=user["access_key_id"],
+                           secret_access_key=user["secret_access_key"], retries=1)
 
     def node_status(self, node: int) -> dict[str, Any] | None:
         try:
