@@ -237,6 +237,20 @@ class RemoveGrant(Command):
 
 
 @dataclass(frozen=True)
+class AppendAudit(Command):
+    """A group-committed batch of audit records.
+
+    Each entry is (canonical event bytes, serving node, decisions, usage):
+    decisions are the (key id, key epoch) pairs the request was allowed on: a
+    record whose key epoch moved before this entry applies is revoked. usage is
+    () or (key id, operation, event time, event id, request id) of a successful
+    cryptographic operation, for GetKeyLastUsage.
+    """
+
+    entries: tuple[tuple[bytes, str, tuple[tuple[str, int], ...], tuple[str, ...]], ...]
+
+
+@dataclass(frozen=True)
 class Barrier(Command):
     """Changes nothing; its commit proves this node has applied the log up to it."""
 
@@ -247,10 +261,14 @@ def _to_wire(value: Any) -> Any:
     return value
 
 
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def _from_wire(field_type: str, value: Any) -> Any:
     # Tuples are sent as lists; rebuild them so commands compare equal after a round trip.
     if field_type.startswith("tuple") and isinstance(value, list):
-        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        return _tuples(value)
     return value
 
 

@@ -77,6 +77,9 @@ class RaftSettings:
     password: str
     leader_fallback_timeout: float = 3.0
     commit_timeout: float = 5.0
+    # Audit batches make entries large: compact often so the journal stays small.
+    compaction_min_entries: int = 2000
+    compaction_min_seconds: float = 60.0
 
 
 class RaftNode:
@@ -99,6 +102,8 @@ class RaftNode:
             leaderFallbackTimeout=self.settings.leader_fallback_timeout,
             dynamicMembershipChange=True,
             useFork=False,
+            logCompactionMinEntries=self.settings.compaction_min_entries,
+            logCompactionMinTime=self.settings.compaction_min_seconds,
         )
         self._syncobj = SyncObj(self.settings.self_address, list(self.settings.peer_addresses),
                                 conf=conf, consumers=[self._consumer])

@@ -23,6 +23,7 @@ from typing import Any
 import msgpack
 
 from cluster import commands as c
+from kmsd.audit.chain import AuditChain, AuditEntry, CanonicalEncodingError, ChainedRecord
 
 KEY_STATE_ENABLED = "Enabled"
 KEY_STATE_DISABLED = "Disabled"
@@ -125,6 +126,16 @@ class GrantRecord:
 
 
 @dataclass(frozen=True)
+class KeyUsage:
+    """The last successful cryptographic use of a key (GetKeyLastUsage)."""
+
+    operation: str
+    event_time: str
+    event_id: str
+    request_id: str
+
+
+@dataclass(frozen=True)
 class NodeRecord:
     node_id: str
     az: str
@@ -179,6 +190,10 @@ class KmsState:
         self.grants: dict[str, GrantRecord] = {}
         self.nodes: dict[str, NodeRecord] = {}
         self.domain_key_check: str | None = None
+        self.audit = AuditChain()
+        self.key_usage: dict[str, KeyUsage] = {}
+        # When this replica's usage tracking began (the first audit batch it saw applied).
+        self.usage_tracking_start: str | None = None
         self.applied_count = 0
 
     # -- apply ---------------------------------------------------------------
@@ -195,6 +210,28 @@ class KmsState:
 
     def _apply_Barrier(self, cmd: c.Barrier) -> None:
         return None
+
+    def _apply_AppendAudit(self, cmd: c.AppendAudit) -> list[ChainedRecord]:
+        """Chain a batch. A decision whose key changed since it was made is revoked here,
+        at this log position, on every replica alike (the commit-time re-check)."""
+        entries = []
+        for event_bytes, node, decisions, _usage in cmd.entries:
+            revoked = False
+            for key_id, epoch in decisions:
+                record = self.keys.get(key_id)
+                revoked = revoked or record is None or record.epoch != epoch
+            entries.append(AuditEntry(event_bytes, node, revoked))
+        try:
+            records = self.audit.append(entries)
+        except CanonicalEncodingError as exc:
+            raise _Refuse("KMSInternalException", f"unfit audit batch: {exc}") from None
+        for record, (_e, _n, _d, usage) in zip(records, cmd.entries, strict=True):
+            if usage and not record.revoked:
+                key_id, operation, event_time, event_id, request_id = usage
+                self.key_usage[key_id] = KeyUsage(operation, event_time, event_id, request_id)
+                if self.usage_tracking_start is None:
+                    self.usage_tracking_start = event_time
+        return records
 
     def _apply_InitCluster(self, cmd: c.InitCluster) -> str:
         if self.domain_key_check is None:
@@ -391,6 +428,7 @@ class KmsState:
                 or record.deletion_date is None or record.deletion_date > cmd.at):
             return None
         del self.keys[cmd.key_id]
+        self.key_usage.pop(cmd.key_id, None)
         for grant_id, grant in list(self.grants.items()):
             if grant.key_id == cmd.key_id:
                 del self.grants[grant_id]
@@ -479,6 +517,9 @@ class KmsState:
             "grants": records(self.grants),
             "nodes": records(self.nodes),
             "domain_key_check": self.domain_key_check,
+            "audit": self.audit.to_snapshot(),
+            "key_usage": {k: dataclasses.asdict(v) for k, v in sorted(self.key_usage.items())},
+            "usage_tracking_start": self.usage_tracking_start,
             "applied_count": self.applied_count,
         }, use_bin_type=True)
 
@@ -507,6 +548,9 @@ class KmsState:
         self.keys, self.aliases, self.access_keys, self.nodes = keys, aliases, access_keys, nodes
         self.principals, self.grants = principals, grants
         self.domain_key_check = raw["domain_key_check"]
+        self.audit = AuditChain.from_snapshot(raw["audit"])
+        self.key_usage = {k: KeyUsage(**v) for k, v in raw["key_usage"].items()}
+        self.usage_tracking_start = raw["usage_tracking_start"]
         self.applied_count = raw["applied_count"]
 
     def fingerprint(self) -> bytes:

@@ -27,6 +27,8 @@ from kmsd import bootstrap
 from kmsd.api.admin import make_admin_app
 from kmsd.api.protocol import Authenticator, KmsProtocol
 from kmsd.api.validation import RequestValidator
+from kmsd.audit.committer import AuditCommitter
+from kmsd.audit.sink import SegmentSink
 from kmsd.auth.credentials import CredentialStore
 from kmsd.auth.sigv4 import SigV4Verifier
 from kmsd.clock import Clock, OffsetClock, SystemClock
@@ -61,8 +63,10 @@ class Node:
             # SigV4 checks skew against real time, never the (test-adjustable) proposer clock.
             SigV4Verifier("kms", frozenset(config.regions), clock=time.time),
             self.credentials)
+        self.audit_sink = SegmentSink(os.path.join(config.data_dir, "audit"))
+        self.audit = AuditCommitter(self.raft)
         self.protocol = KmsProtocol(self.core, self.authenticator, RequestValidator(),
-                                    self.not_ready_reason)
+                                    self.not_ready_reason, self.audit, config.node_id)
         self._not_ready = "The node is starting."
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -70,6 +74,9 @@ class Node:
 
     def _on_applied(self, command: commands.Command, result: object) -> None:
         """Runs on the Raft thread after every apply: side effects that live outside the state."""
+        if isinstance(command, commands.AppendAudit) and isinstance(result, Applied):
+            self.audit_sink.put(result.value)
+            return
         if (isinstance(command, commands.DeleteKey) and isinstance(result, Applied)
                 and isinstance(result.value, KeyRecord) and self._loop is not None):
             removed = [b.wrapped for b in result.value.backing_keys]
@@ -143,6 +150,12 @@ class Node:
                     "handle_cache_hits": self.hsm.handle_cache_hits,
                     "handle_cache_misses": self.hsm.handle_cache_misses},
             "raft": self.raft.status(),
+            "audit": {"chain_head": {"seq": self.state.audit.head.seq,
+                                     "hash": self.state.audit.head.hash},
+                      "written_head": ({"seq": written.seq, "hash": written.hash}
+                                       if (written := self.audit_sink.head) else None),
+                      "segment_gap": self.audit_sink.gap,
+                      "commits": self.audit.metrics.as_dict()},
             "keys": len(self.state.keys),
         }
 
@@ -189,6 +202,7 @@ class Node:
         for runner in self._runners:
             await runner.cleanup()
         self.raft.stop()
+        self.audit_sink.close()
         self.hsm.close()
         log.info("node_stopped")
 

@@ -11,22 +11,29 @@ log line names the operation and the exception type only).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from aiohttp import web
 
+from cluster.state import key_arn
 from kmsd.api.operations import OPERATIONS
 from kmsd.api.validation import RequestValidator
+from kmsd.audit.chain import AuditEntry, ChainedRecord
+from kmsd.audit.committer import AuditCommitter, AuditUnavailable
+from kmsd.audit.record import build_event
 from kmsd.auth.credentials import CredentialStore
 from kmsd.auth.sigv4 import SignedRequest, SigV4Verifier
 from kmsd.errors import (
     KmsError,
     KMSInternalException,
+    NotFoundException,
     SerializationException,
     UnknownOperationException,
     UnsupportedOperationException,
@@ -82,44 +89,77 @@ class Authenticator:
         return self.credentials.caller_for(verified.access_key_id), verified.region
 
 
+@dataclass
+class _Exchange:
+    """What is known of one request as it goes through the pipeline (for its audit record)."""
+
+    request_id: str
+    operation: str
+    caller: Caller | None = None
+    region: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    context: RequestContext | None = None
+
+
+# Uses of a key whose decision is re-checked when the audit record commits.
+REVOCABLE = frozenset({
+    "Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext",
+    "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext", "Sign", "Verify",
+    "GenerateMac", "VerifyMac", "DeriveSharedSecret", "GetPublicKey"})
+
+
 class KmsProtocol:
     def __init__(self, core: ServiceCore, authenticator: Authenticator,
-                 validator: RequestValidator, is_ready: Callable[[], str | None]) -> None:
+                 validator: RequestValidator, is_ready: Callable[[], str | None],
+                 audit: AuditCommitter, node_id: str) -> None:
         self.core = core
         self.authenticator = authenticator
         self.validator = validator
         # Returns None when the node may serve, else why it may not.
         self.is_ready = is_ready
+        self.audit = audit
+        self.node_id = node_id
 
     async def handle(self, request: web.Request) -> web.Response:
-        request_id = str(uuid.uuid4())
         started = time.perf_counter()
         target = request.headers.get("X-Amz-Target", "")
         operation = target[len(TARGET_PREFIX):] if target.startswith(TARGET_PREFIX) else ""
-        structlog.contextvars.bind_contextvars(request_id=request_id)
-        outcome = "ok"
+        exchange = _Exchange(str(uuid.uuid4()), operation)
+        structlog.contextvars.bind_contextvars(request_id=exchange.request_id)
+        body: dict[str, Any] | None = None
+        error: KmsError | None = None
         try:
-            response = json_response(await self._serve(request, request_id, operation),
-                                     request_id)
-        except KmsError as error:
-            outcome = error.error_type
-            response = error_response(error, request_id)
+            body = await self._serve(request, exchange)
+        except KmsError as kms_error:
+            error = kms_error
         except Exception as exc:  # a bug: answer opaquely, keep the type in the log
-            outcome = "KMSInternalException"
             log.error("request_failed", operation=operation, exc_type=type(exc).__name__,
                       exc_info=True)
-            response = error_response(KMSInternalException(
-                f"An internal error occurred (request id {request_id})."), request_id)
-        log.info("request", operation=operation or target[:64], outcome=outcome,
-                 status=response.status, ms=round((time.perf_counter() - started) * 1000, 3),
-                 source_ip=request.remote)
+            error = KMSInternalException(
+                f"An internal error occurred (request id {exchange.request_id}).")
+        # Fail closed: nothing leaves this node before its audit record is committed.
+        try:
+            record = await self._record(request, exchange, body, error)
+        except AuditUnavailable:
+            body, error = None, KMSInternalException(
+                "The request could not be recorded in the audit log (no quorum); retry it.")
+        else:
+            if record.revoked and error is None:
+                body, error = None, self._revoked_error(exchange)
+        response = (json_response(body, exchange.request_id) if error is None
+                    else error_response(error, exchange.request_id))
+        log.info("request", operation=operation or target[:64],
+                 outcome=error.error_type if error else "ok", status=response.status,
+                 principal=exchange.caller.principal_arn if exchange.caller else None,
+                 keys=[k for k, _ in exchange.context.decisions] if exchange.context else [],
+                 ms=round((time.perf_counter() - started) * 1000, 3), source_ip=request.remote)
         structlog.contextvars.unbind_contextvars("request_id")
         return response
 
-    async def _serve(self, request: web.Request, request_id: str,
-                     operation: str) -> dict[str, Any]:
+    async def _serve(self, request: web.Request, exchange: _Exchange) -> dict[str, Any]:
         body = await request.read()
-        caller, region = self.authenticator.authenticate(request, body)
+        exchange.caller, exchange.region = self.authenticator.authenticate(request, body)
+        operation = exchange.operation
         if request.method != "POST" or operation not in self.validator.operation_names:
             raise UnknownOperationException()
         content_type = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
@@ -130,13 +170,58 @@ class KmsProtocol:
         except (ValueError, UnicodeDecodeError):
             raise SerializationException("The request body is not valid JSON.") from None
         params = self.validator.validate(operation, raw)
+        exchange.params = params
         handler = OPERATIONS.get(operation)
         if handler is None:
             raise UnsupportedOperationException(f"kmsd does not implement {operation} yet.")
         not_ready = self.is_ready()
         if not_ready is not None:
             raise KMSInternalException(not_ready)
-        context = RequestContext(request_id=request_id, region=region, caller=caller,
-                                 source_ip=request.remote or "",
-                                 user_agent=request.headers.get("User-Agent", ""))
-        return await handler(self.core, context, params)
+        exchange.context = RequestContext(
+            request_id=exchange.request_id, region=exchange.region, caller=exchange.caller,
+            source_ip=request.remote or "", user_agent=request.headers.get("User-Agent", ""),
+            secure_transport=request.secure)
+        return await handler(self.core, exchange.context, params)
+
+    async def _record(self, request: web.Request, exchange: _Exchange,
+                      body: dict[str, Any] | None, error: KmsError | None) -> ChainedRecord:
+        caller = exchange.caller
+        decisions = exchange.context.decisions if exchange.context else []
+        keys = self.core.state.keys
+        key_arns = [keys[k].arn for k, _ in decisions if k in keys]
+        event_id, event_time = str(uuid.uuid4()), time.time()
+        event = build_event(
+            operation=exchange.operation or "UnknownOperation", params=exchange.params,
+            response=body, error_code=error.error_type if error else None,
+            error_message=error.message if error else None,
+            principal_arn=caller.principal_arn if caller else "",
+            account_id=caller.account_id if caller else self.core.account_id,
+            access_key_id=caller.access_key_id if caller else "",
+            region=exchange.region or self.core.regions[0],
+            source_ip=request.remote or "", user_agent=request.headers.get("User-Agent", ""),
+            request_id=exchange.request_id, event_id=event_id, event_time=event_time,
+            key_arns=key_arns, recipient_account_id=self.core.account_id).to_dict()
+        revocable = exchange.operation in REVOCABLE
+        usage: tuple[str, ...] = ()
+        if revocable and error is None and decisions:
+            usage = (decisions[0][0], exchange.operation, event["eventTime"], event_id,
+                     exchange.request_id)
+        entry = AuditEntry.of(event, self.node_id)
+        return await self.audit.commit(
+            (entry.event_bytes, self.node_id, tuple(decisions) if revocable else (), usage))
+
+    def _revoked_error(self, exchange: _Exchange) -> KmsError:
+        """The error the state at the audit record's log position implies for this request."""
+        assert exchange.context is not None
+        fresh = dataclasses.replace(exchange.context, decisions=[])
+        for operation, key_id in exchange.context.authorized:
+            record = self.core.state.keys.get(key_id)
+            if record is None:
+                arn = key_arn(exchange.region, self.core.account_id, key_id)
+                return NotFoundException(f"Key '{arn}' does not exist")
+            try:
+                self.core.require_usable(record)
+                self.core.authorizer.check(fresh, operation, record, exchange.params)
+            except KmsError as kms_error:
+                return kms_error
+        return KMSInternalException("The key changed while the request was served; retry it.")

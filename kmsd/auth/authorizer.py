@@ -171,6 +171,7 @@ class Authorizer:
                 assert verdict.reason is not None
                 raise AccessDeniedException(access_denied_message(facts, verdict.reason))
         ctx.decisions.append((record.key_id, record.epoch))
+        ctx.authorized.append((operation, record.key_id))
 
     def _check_without_key(self, ctx: RequestContext, facts: RequestFacts,
                            identity: list[Policy]) -> None:

@@ -22,3 +22,5 @@ class RequestContext:
     secure_transport: bool = False
     # (key id, key epoch) of every key-bound allow: re-checked when the audit record commits.
     decisions: list[tuple[str, int]] = field(default_factory=list)
+    # (operation, key id) of the same allows, to re-decide a revoked request.
+    authorized: list[tuple[str, str]] = field(default_factory=list)

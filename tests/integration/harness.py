@@ -115,6 +115,7 @@ class Cluster:
             self.admin(0, "PUT", f"/v1/principals/user/{name}/policies/main",
                        json.dumps(policy).encode())
         key = self.admin(0, "POST", f"/v1/principals/user/{name}/access-keys")
+        self.secrets_seen.append(key["SecretAccessKey"].encode())
         user = {"arn": f"arn:aws:iam::{self.info['account_id']}:user/{name}",
                 "access_key_id": key["AccessKeyId"], "secret_access_key": key["SecretAccessKey"]}
         for node in range(self.size):  # known everywhere before the test goes on
