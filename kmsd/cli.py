@@ -62,6 +62,23 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Offline: verify a directory of audit segments (a node's, or a copy of one)."""
+    import dataclasses
+
+    from kmsd.audit.chain import ChainHead
+    from kmsd.audit.segments import verify_directory
+
+    expected = (ChainHead(args.expected_seq, args.expected_hash)
+                if args.expected_seq is not None and args.expected_hash else None)
+    result = verify_directory(args.dir, expected_head=expected)
+    print(json.dumps({"ok": result.ok, "records": result.records,
+                      "head": dataclasses.asdict(result.head),
+                      "error": dataclasses.asdict(result.error) if result.error else None,
+                      "torn": dataclasses.asdict(result.torn) if result.torn else None}))
+    return 0 if result.ok else 1
+
+
 def _cmd_hsm(args: argparse.Namespace) -> int:
     from kmsd.hsm import domain_clone
 
@@ -114,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--test-clock", action="store_true",
                      help="tests only: proposer clocks read an offset from node-i/clock-offset")
     dev.set_defaults(func=_cmd_dev)
+
+    audit = sub.add_parser("audit-verify", help="verify audit segment files offline")
+    audit.add_argument("--dir", required=True)
+    audit.add_argument("--expected-seq", type=int, default=None)
+    audit.add_argument("--expected-hash", default=None)
+    audit.set_defaults(func=_cmd_audit_verify)
 
     hsm = sub.add_parser("hsm", help="prepare a node's HSM token")
     hsm_sub = hsm.add_subparsers(dest="hsm_command", required=True)

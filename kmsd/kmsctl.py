@@ -11,7 +11,9 @@ import argparse
 import json
 import os
 import sys
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -31,6 +33,11 @@ class AdminClient:
 
     def call(self, method: str, path: str, body: bytes = b"",
              endpoint: str | None = None) -> dict[str, Any]:
+        with self.open(method, path, body, endpoint) as response:
+            return json.loads(response.read())
+
+    def open(self, method: str, path: str, body: bytes = b"",
+             endpoint: str | None = None, timeout: float = 30) -> Any:
         url = (endpoint or self.endpoint).rstrip("/") + path
         request = AWSRequest(method=method, url=url, data=body)
         SigV4Auth(self.credentials, "kms", self.region).add_auth(request)
@@ -38,8 +45,7 @@ class AdminClient:
         http_request = urllib.request.Request(url, data=body or None,
                                               headers=dict(prepared.headers), method=method)
         try:
-            with urllib.request.urlopen(http_request, timeout=5) as response:
-                return json.loads(response.read())
+            return urllib.request.urlopen(http_request, timeout=timeout)
         except urllib.error.HTTPError as error:
             body = json.loads(error.read() or b"{}")
             raise SystemExit(f"kmsctl: {body.get('__type', error.code)}: "
@@ -127,12 +133,87 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("policy_name")
     attach.add_argument("--file", required=True, help="the policy document ('-' for stdin)")
 
+    audit = sub.add_parser("audit", help="the audit chain").add_subparsers(
+        dest="action", required=True)
+    verify = audit.add_parser("verify", help="check a node's whole chain; names the first "
+                                             "bad record")
+    export = audit.add_parser("export", help="write JSONL, one CloudTrail-shaped event a line")
+    tail = audit.add_parser("tail", help="follow new records")
+    for cmd in (verify, export, tail):
+        cmd.add_argument("--node", help="node id (default: the --endpoint node)")
+    export.add_argument("--since", help="ISO-8601 time, inclusive")
+    export.add_argument("--until", help="ISO-8601 time, exclusive")
+    export.add_argument("--event", help="only this eventName, e.g. Decrypt")
+    export.add_argument("--out", required=True, help="output file ('-' for stdout)")
+    tail.add_argument("--count", type=int, default=0, help="stop after this many records")
+    tail.add_argument("--from-start", action="store_true", help="print existing records too")
+
     args = parser.parse_args(argv)
     client = _client(args)
+    if args.group == "audit":
+        return _audit(client, args)
     result = _run(client, args)
     if result is not None:
         print(json.dumps(result, indent=2))
     return 0
+
+
+def _node_endpoint(client: AdminClient, node: str | None) -> str | None:
+    if node is None:
+        return None
+    for member in client.get("/v1/cluster/members")["members"]:
+        if member["node_id"] == node:
+            return member["admin_url"]
+    raise SystemExit(f"kmsctl: no member named {node}")
+
+
+def _audit(client: AdminClient, args: argparse.Namespace) -> int:
+    endpoint = _node_endpoint(client, args.node)
+    if args.action == "verify":
+        result = client.call("GET", "/v1/audit/verify", endpoint=endpoint)
+        print(json.dumps(result, indent=2))
+        if not result["ok"]:
+            error = result["error"] or {}
+            print(f"kmsctl: audit chain broken at seq {error.get('seq')} "
+                  f"({error.get('file')}:{error.get('line')}): {error.get('message')}"
+                  if error else f"kmsctl: audit chain incomplete: {result['segment_gap']}",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if args.action == "export":
+        query = urllib.parse.urlencode({k: v for k, v in (
+            ("since", args.since), ("until", args.until), ("event", args.event)) if v})
+        out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")  # noqa: SIM115
+        written = 0
+        try:
+            with client.open("GET", f"/v1/audit/export?{query}", endpoint=endpoint,
+                             timeout=300) as response:
+                for raw in response:
+                    out.write(raw.decode("utf-8"))
+                    written += 1
+                    if written % 1000 == 0:
+                        print(f"\rexported {written} events", end="", file=sys.stderr)
+        finally:
+            if out is not sys.stdout:
+                out.close()
+        print(f"\rexported {written} events", file=sys.stderr)
+        return 0
+    after = 0
+    if not args.from_start:
+        verify = client.call("GET", "/v1/audit/verify", endpoint=endpoint)
+        after = verify["expected_head"]["seq"]
+    printed = 0
+    while True:
+        records = client.call("GET", f"/v1/audit/records?after={after}&limit=500",
+                              endpoint=endpoint)["Records"]
+        for record in records:
+            print(json.dumps(record), flush=True)
+            after = record["seq"]
+            printed += 1
+            if args.count and printed >= args.count:
+                return 0
+        if not records:
+            time.sleep(1)
 
 
 def _run(client: AdminClient, args: argparse.Namespace) -> dict[str, Any] | None:

@@ -181,7 +181,8 @@ class Node:
         self._loop = asyncio.get_running_loop()
         self.raft.start()
         for app, listen in ((self.api_app(), self.config.api_listen),
-                            (make_admin_app(self.authenticator, self.core, self.status),
+                            (make_admin_app(self.authenticator, self.core, self.status,
+                                            self.audit_sink),
                              self.config.admin_listen)):
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()

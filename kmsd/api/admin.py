@@ -1,6 +1,7 @@
 """The admin API that kmsctl talks to: a separate port, the same SigV4 credentials.
 
 Routes:
+    GET    /v1/audit/...                                     see kmsd/api/admin_audit.py
     GET    /v1/node/status                                   this node's role, indexes, HSM
     GET    /v1/cluster/members                               members in the replicated state
     GET    /v1/principals                                    users, roles, the account root
@@ -24,7 +25,9 @@ from typing import Any
 
 from aiohttp import web
 
+from kmsd.api.admin_audit import add_audit_routes
 from kmsd.api.protocol import Authenticator, error_response, json_response
+from kmsd.audit.sink import SegmentSink
 from kmsd.errors import KmsError, SerializationException
 from kmsd.service import principals
 from kmsd.service.context import Caller
@@ -35,7 +38,7 @@ _CALLER = web.AppKey("caller", Caller)
 
 
 def make_admin_app(authenticator: Authenticator, core: ServiceCore,
-                   node_status: StatusSource) -> web.Application:
+                   node_status: StatusSource, audit_sink: SegmentSink) -> web.Application:
     @web.middleware
     async def authenticate(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -122,4 +125,5 @@ def make_admin_app(authenticator: Authenticator, core: ServiceCore,
     app.router.add_delete("/v1/access-keys/{access_key_id}", delete_access_key)
     app.router.add_put("/v1/principals/{kind}/{name}/policies/{policy}", put_policy)
     app.router.add_delete("/v1/principals/{kind}/{name}/policies/{policy}", delete_policy)
+    add_audit_routes(app, core, audit_sink, respond, root_only)
     return app

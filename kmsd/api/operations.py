@@ -32,6 +32,7 @@ OPERATIONS: dict[str, Handler] = {
     "RetireGrant": grants.retire_grant,
     "RevokeGrant": grants.revoke_grant,
     "ListKeyPolicies": keys.list_key_policies,
+    "GetKeyLastUsage": keys.get_key_last_usage,
     "EnableKeyRotation": rotation.enable_key_rotation,
     "DisableKeyRotation": rotation.disable_key_rotation,
     "GetKeyRotationStatus": rotation.get_key_rotation_status,
@@ -55,4 +56,4 @@ OPERATIONS: dict[str, Handler] = {
 # Operations that only read; everything else is a write or a use of a key.
 READ_ONLY = frozenset({"DescribeKey", "ListKeys", "ListAliases", "GetKeyPolicy",
                        "ListKeyPolicies", "GetKeyRotationStatus", "ListKeyRotations",
-                       "ListResourceTags", "ListGrants", "ListRetirableGrants"})
+                       "ListResourceTags", "ListGrants", "GetKeyLastUsage", "ListRetirableGrants"})

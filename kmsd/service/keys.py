@@ -6,6 +6,7 @@ Raft log only wrapped under the domain key.
 
 from __future__ import annotations
 
+import datetime
 import json
 import uuid
 from typing import Any
@@ -197,3 +198,24 @@ async def list_key_policies(core: ServiceCore, ctx: RequestContext,
     page, next_marker = paginate("ListKeyPolicies", ["default"], lambda name: name,
                                  params.get("Limit"), params.get("Marker"))
     return page_response("PolicyNames", page, next_marker)
+
+
+async def get_key_last_usage(core: ServiceCore, ctx: RequestContext,
+                             params: dict[str, Any]) -> dict:
+    """The last successful cryptographic use, as recorded by the committed audit chain."""
+    record = await core.authorized_key(ctx, "GetKeyLastUsage", params)
+    started = core.state.usage_tracking_start
+    response: dict[str, Any] = {
+        "KeyId": record.arn, "KeyCreationDate": record.created_at,
+        "TrackingStartDate": _epoch(started) if started else record.created_at}
+    usage = core.state.key_usage.get(record.key_id)
+    if usage is not None:
+        response["KeyLastUsage"] = {
+            "Operation": usage.operation, "Timestamp": _epoch(usage.event_time),
+            "CloudTrailEventId": usage.event_id, "KmsRequestId": usage.request_id}
+    return response
+
+
+def _epoch(event_time: str) -> float:
+    return datetime.datetime.strptime(event_time, "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=datetime.UTC).timestamp()

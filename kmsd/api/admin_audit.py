@@ -1,0 +1,91 @@
+"""Admin routes over this node's audit segments: verify, records (for tail), export.
+
+    GET /v1/audit/verify                    the whole chain against the replicated head
+    GET /v1/audit/records?after=N&limit=M   records after seq N (kmsctl audit tail)
+    GET /v1/audit/export?since=&until=&event=   JSONL, one CloudTrail-shaped event a line
+
+File reads run in a worker thread, never on the event loop. Root only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import itertools
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from kmsd.audit.segments import export_jsonl, read_records, verify_directory
+from kmsd.audit.sink import SegmentSink
+from kmsd.errors import ValidationException
+from kmsd.service.core import ServiceCore
+
+
+def _parse_time(value: str | None, name: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValidationException(f"{name} must be an ISO-8601 time, got {value!r}.") from None
+
+
+def _int(value: str | None, name: str, default: int) -> int:
+    if value is None:
+        return default
+    if not value.isdigit():
+        raise ValidationException(f"{name} must be a non-negative integer.")
+    return int(value)
+
+
+def add_audit_routes(app: web.Application, core: ServiceCore, sink: SegmentSink,
+                     respond: Any, root_only: Any) -> None:
+    async def off_loop(function: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+    async def verify(request: web.Request) -> web.Response:
+        root_only(request)
+        head = core.state.audit.head
+        await off_loop(sink.wait_for, head.seq)
+        result = await off_loop(lambda: verify_directory(sink.directory, expected_head=head))
+        return respond({
+            "ok": result.ok and sink.gap is None, "records": result.records,
+            "head": dataclasses.asdict(result.head),
+            "expected_head": dataclasses.asdict(head),
+            "error": dataclasses.asdict(result.error) if result.error else None,
+            "torn": dataclasses.asdict(result.torn) if result.torn else None,
+            "segment_gap": sink.gap})
+
+    async def records(request: web.Request) -> web.Response:
+        root_only(request)
+        after = _int(request.query.get("after"), "after", 0)
+        limit = min(_int(request.query.get("limit"), "limit", 100), 1000)
+
+        def collect() -> list[dict[str, Any]]:
+            wanted = (r for r in read_records(sink.directory) if r.seq > after)
+            return [{"seq": r.seq, "hash": r.hash, "prev_hash": r.prev_hash, "node": r.node,
+                     "revoked": r.revoked, "event": r.event}
+                    for r in itertools.islice(wanted, limit)]
+
+        return respond({"Records": await off_loop(collect)})
+
+    async def export(request: web.Request) -> web.StreamResponse:
+        root_only(request)
+        since = _parse_time(request.query.get("since"), "since")
+        until = _parse_time(request.query.get("until"), "until")
+        event = request.query.get("event") or None
+
+        def render() -> bytes:
+            out = io.StringIO()
+            export_jsonl(sink.directory, out, since=since, until=until, event_name=event)
+            return out.getvalue().encode()
+
+        body = await off_loop(render)
+        return web.Response(body=body, content_type="application/x-ndjson")
+
+    app.router.add_get("/v1/audit/verify", verify)
+    app.router.add_get("/v1/audit/records", records)
+    app.router.add_get("/v1/audit/export", export)
