@@ -127,7 +127,9 @@ def test_get_key_last_usage_follows_the_committed_chain(audited: Cluster) -> Non
 
 
 def test_kmsctl_verify_export_and_tail(audited: Cluster, tmp_path) -> None:
-    audited.client(0).list_keys()
+    key = audited.client(0).create_key()["KeyMetadata"]
+    blob = audited.client(0).encrypt(KeyId=key["KeyId"], Plaintext=b"e")["CiphertextBlob"]
+    audited.client(1).decrypt(CiphertextBlob=blob)
     env = {**os.environ, "AWS_ACCESS_KEY_ID": audited.info["access_key_id"],
            "AWS_SECRET_ACCESS_KEY": audited.info["secret_access_key"],
            "KMSD_ADMIN_ENDPOINT": audited.info["admin_endpoints"][0]}
