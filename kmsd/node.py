@@ -34,6 +34,8 @@ from kmsd.auth.sigv4 import SigV4Verifier
 from kmsd.clock import Clock, OffsetClock, SystemClock
 from kmsd.config import NodeConfig
 from kmsd.hsm.partition import HsmPartition
+from kmsd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from kmsd.metrics import NodeFacts, NodeMetrics
 from kmsd.service import principals
 from kmsd.service.core import ServiceCore
 from kmsd.service.scheduler import KeyScheduler
@@ -64,9 +66,18 @@ class Node:
             SigV4Verifier("kms", frozenset(config.regions), clock=time.time),
             self.credentials)
         self.audit_sink = SegmentSink(os.path.join(config.data_dir, "audit"))
-        self.audit = AuditCommitter(self.raft)
+        self.metrics = NodeMetrics(NodeFacts(
+            node_id=config.node_id, az=config.az, region=config.default_region,
+            raft_status=self.raft.status,
+            key_states=lambda: [k.key_state for k in list(self.state.keys.values())],
+            cache_counts=lambda: (self.hsm.handle_cache_hits, self.hsm.handle_cache_misses),
+            certificate_expiry=lambda: None))
+        self.hsm.observe = self.metrics.observe_hsm
+        self.audit = AuditCommitter(self.raft, on_batch=self.metrics.observe_audit_batch,
+                                    on_failure=self.metrics.audit_commit_failures.inc)
         self.protocol = KmsProtocol(self.core, self.authenticator, RequestValidator(),
-                                    self.not_ready_reason, self.audit, config.node_id)
+                                    self.not_ready_reason, self.audit, config.node_id,
+                                    self.metrics.observe_request)
         self._not_ready = "The node is starting."
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -172,8 +183,13 @@ class Node:
             return web.json_response({"ready": ready, "reason": self._not_ready},
                                      status=200 if ready else 503)
 
+        async def metrics(_request: web.Request) -> web.Response:
+            return web.Response(body=self.metrics.render(),
+                                headers={"Content-Type": METRICS_CONTENT_TYPE})
+
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
+        app.router.add_get("/metrics", metrics)
         app.router.add_route("*", "/{tail:.*}", self.protocol.handle)
         return app
 

@@ -111,7 +111,9 @@ REVOCABLE = frozenset({
 class KmsProtocol:
     def __init__(self, core: ServiceCore, authenticator: Authenticator,
                  validator: RequestValidator, is_ready: Callable[[], str | None],
-                 audit: AuditCommitter, node_id: str) -> None:
+                 audit: AuditCommitter, node_id: str,
+                 on_request: Callable[[str, str, float], None] = lambda _o, _r, _s: None
+                 ) -> None:
         self.core = core
         self.authenticator = authenticator
         self.validator = validator
@@ -119,6 +121,8 @@ class KmsProtocol:
         self.is_ready = is_ready
         self.audit = audit
         self.node_id = node_id
+        # (operation, outcome, seconds) of every answered request; for metrics.
+        self.on_request = on_request
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -148,6 +152,9 @@ class KmsProtocol:
                 body, error = None, self._revoked_error(exchange)
         response = (json_response(body, exchange.request_id) if error is None
                     else error_response(error, exchange.request_id))
+        known = operation if operation in self.validator.operation_names else "Unknown"
+        self.on_request(known, error.error_type if error else "ok",
+                        time.perf_counter() - started)
         log.info("request", operation=operation or target[:64],
                  outcome=error.error_type if error else "ok", status=response.status,
                  principal=exchange.caller.principal_arn if exchange.caller else None,

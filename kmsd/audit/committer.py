@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cluster import commands
@@ -69,8 +70,13 @@ class AuditMetrics:
 
 
 class AuditCommitter:
-    def __init__(self, raft: RaftNode, max_batch: int = 500, timeout: float = 5.0) -> None:
+    def __init__(self, raft: RaftNode, max_batch: int = 500, timeout: float = 5.0,
+                 on_batch: Callable[[int, float], None] = lambda _n, _s: None,
+                 on_failure: Callable[[int], None] = lambda _n: None) -> None:
         self.raft = raft
+        # Hooks for metrics: (batch size, commit seconds) and (records that failed).
+        self.on_batch = on_batch
+        self.on_failure = on_failure
         self.max_batch = max_batch
         self.timeout = timeout
         self.metrics = AuditMetrics()
@@ -106,11 +112,14 @@ class AuditCommitter:
             result = await self.raft.submit(command, self.timeout)
         except RaftUnavailable as exc:
             self.metrics.failures += len(batch)
+            self.on_failure(len(batch))
             for _, future in batch:
                 if not future.done():
                     future.set_exception(AuditUnavailable(str(exc)))
             return
-        self.metrics.observe(len(batch), (time.perf_counter() - started) * 1000)
+        elapsed = time.perf_counter() - started
+        self.metrics.observe(len(batch), elapsed * 1000)
+        self.on_batch(len(batch), elapsed)
         if isinstance(result, Rejected):
             for _, future in batch:
                 if not future.done():

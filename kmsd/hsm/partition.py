@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import pkcs11
@@ -81,6 +83,11 @@ class HsmPartition:
         self.handle_cache_hits = 0
         self.handle_cache_misses = 0
         self._domain_key: Any | None = None
+        # Called with (call name, seconds, failed) after each timed token call; for metrics.
+        self.observe: Callable[[str, float, bool], None] = lambda _c, _s, _f: None
+
+    def _timed(self, call: str, started: float, failed: bool) -> None:
+        self.observe(call, time.perf_counter() - started, failed)
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -124,6 +131,7 @@ class HsmPartition:
 
     def generate_wrapped_aes_key(self) -> bytes:
         """A new AES-256 backing key, generated in the token, returned only wrapped."""
+        started = time.perf_counter()
         key = self.session.generate_key(
             KeyType.AES, 256, store=False,
             capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
@@ -132,6 +140,7 @@ class HsmPartition:
             return bytes(self.domain_key.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD))
         finally:
             self._destroy(key)
+            self._timed("generate_key", started, False)
 
     def _aes_handle(self, wrapped: bytes) -> Any:
         handle = self._handles.get(wrapped)
@@ -140,6 +149,7 @@ class HsmPartition:
             self.handle_cache_hits += 1
             return handle
         self.handle_cache_misses += 1
+        started = time.perf_counter()
         try:
             handle = self.domain_key.unwrap_key(
                 ObjectClass.SECRET_KEY, KeyType.AES, wrapped, store=False,
@@ -147,7 +157,9 @@ class HsmPartition:
                 capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
                 template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})
         except PKCS11Error:
+            self._timed("unwrap", started, True)
             raise HsmError("cannot unwrap backing key under this token's domain key") from None
+        self._timed("unwrap", started, False)
         self._handles[wrapped] = handle
         if len(self._handles) > self._handle_cache_size:
             _, evicted = self._handles.popitem(last=False)
@@ -163,21 +175,29 @@ class HsmPartition:
                     plaintext: bytes) -> bytes:
         """AES-256-GCM under an unwrapped backing key; returns ciphertext || tag."""
         key = self._aes_handle(wrapped_key)
+        started = time.perf_counter()
         try:
-            return bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
-                                     mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS)))
+            sealed = bytes(key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
+                                       mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS)))
         except PKCS11Error:
+            self._timed("encrypt", started, True)
             raise HsmError("AES-GCM encryption failed") from None
+        self._timed("encrypt", started, False)
+        return sealed
 
     def decrypt_gcm(self, wrapped_key: bytes, nonce: bytes, aad: bytes,
                     ciphertext_and_tag: bytes) -> bytes:
         key = self._aes_handle(wrapped_key)
+        started = time.perf_counter()
         try:
-            return bytes(key.decrypt(ciphertext_and_tag, mechanism=Mechanism.AES_GCM,
-                                     mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS)))
+            plaintext = bytes(key.decrypt(ciphertext_and_tag, mechanism=Mechanism.AES_GCM,
+                                          mechanism_param=GCMParams(nonce, aad, GCM_TAG_BITS)))
         except PKCS11Error:
             # SoftHSM2 answers a failed tag check with a GeneralError; every cause is one answer.
+            self._timed("decrypt", started, False)
             raise HsmAuthenticationFailed() from None
+        self._timed("decrypt", started, False)
+        return plaintext
 
     # -- secrets sealed under the domain key ----------------------------------
 

@@ -1,0 +1,117 @@
+"""Prometheus metrics of one node, served at `/metrics` with the official client.
+
+Counters and histograms are updated on the request path (a few microseconds);
+gauges that describe state (Raft role and indexes, keys by state, cache
+counters, certificate expiry) are read at scrape time by a collector, so they
+cost nothing between scrapes. No label ever carries a key id, a principal or
+any request content: only operation names, outcomes and HSM call names.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                    10)
+_HSM_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5)
+_BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """Readers of node state the collector calls at scrape time."""
+
+    node_id: str
+    az: str
+    region: str
+    raft_status: Callable[[], dict[str, Any]]
+    key_states: Callable[[], list[str]]
+    cache_counts: Callable[[], tuple[int, int]]
+    certificate_expiry: Callable[[], float | None]
+
+
+class _StateCollector(Collector):
+    def __init__(self, facts: NodeFacts) -> None:
+        self.facts = facts
+
+    def collect(self) -> Iterator[Any]:
+        facts = self.facts
+        info = GaugeMetricFamily("kmsd_node_info", "This node's identity.",
+                                 labels=["node_id", "az", "region"])
+        info.add_metric([facts.node_id, facts.az, facts.region], 1)
+        yield info
+        raft = facts.raft_status()
+        applied = raft.get("applied_index") or 0
+        for name, doc, value in (
+                ("kmsd_raft_is_leader", "1 if this node is the Raft leader.",
+                 raft.get("role") == "leader"),
+                ("kmsd_raft_has_leader", "1 if this node knows a leader.",
+                 raft.get("leader") is not None),
+                ("kmsd_raft_term", "Current Raft term.", raft.get("term") or 0),
+                ("kmsd_raft_commit_index", "Raft commit index.", raft.get("commit_index") or 0),
+                ("kmsd_raft_applied_index", "Last applied Raft index.", applied),
+                ("kmsd_raft_lag_entries", "Leader commit index minus this node's applied index.",
+                 max(0, (raft.get("leader_commit_index") or applied) - applied))):
+            yield GaugeMetricFamily(name, doc, value=float(value))
+        keys = GaugeMetricFamily("kmsd_keys", "KMS keys by key state.", labels=["state"])
+        for state, count in sorted(Tally(facts.key_states()).items()):
+            keys.add_metric([state], count)
+        yield keys
+        hits, misses = facts.cache_counts()
+        yield CounterMetricFamily("kmsd_hsm_handle_cache_hits", "Unwrapped-key cache hits.",
+                                  value=hits)
+        yield CounterMetricFamily("kmsd_hsm_handle_cache_misses", "Unwrapped-key cache misses.",
+                                  value=misses)
+        expiry = facts.certificate_expiry()
+        if expiry is not None:
+            yield GaugeMetricFamily("kmsd_tls_certificate_expiry_timestamp_seconds",
+                                    "When this node's TLS certificate expires.", value=expiry)
+
+
+class NodeMetrics:
+    def __init__(self, facts: NodeFacts) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter("kmsd_requests", "Requests by operation and outcome.",
+                                ["operation", "outcome"], registry=registry)
+        self.request_duration = Histogram(
+            "kmsd_request_duration_seconds", "Request latency, audit commit included.",
+            ["operation"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.hsm_duration = Histogram("kmsd_hsm_call_duration_seconds", "HSM call latency.",
+                                      ["call"], buckets=_HSM_BUCKETS, registry=registry)
+        self.hsm_errors = Counter("kmsd_hsm_errors", "HSM calls that failed.", ["call"],
+                                  registry=registry)
+        self.audit_batch_size = Histogram("kmsd_audit_batch_size",
+                                          "Audit records per committed Raft entry.",
+                                          buckets=_BATCH_BUCKETS, registry=registry)
+        self.audit_commit_duration = Histogram(
+            "kmsd_audit_commit_duration_seconds", "Time to commit one audit batch.",
+            buckets=_LATENCY_BUCKETS, registry=registry)
+        self.audit_commit_failures = Counter(
+            "kmsd_audit_commit_failures", "Audit records that could not be committed.",
+            registry=registry)
+        registry.register(_StateCollector(facts))
+
+    def observe_request(self, operation: str, outcome: str, seconds: float) -> None:
+        self.requests.labels(operation, outcome).inc()
+        self.request_duration.labels(operation).observe(seconds)
+
+    def observe_hsm(self, call: str, seconds: float, failed: bool) -> None:
+        self.hsm_duration.labels(call).observe(seconds)
+        if failed:
+            self.hsm_errors.labels(call).inc()
+
+    def observe_audit_batch(self, size: int, seconds: float) -> None:
+        self.audit_batch_size.observe(size)
+        self.audit_commit_duration.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
