@@ -251,6 +251,14 @@ class AppendAudit(Command):
 
 
 @dataclass(frozen=True)
+class SetAuditSigningKey(Command):
+    """The HSM key that signs audit digests (wrapped private, DER public); the first wins."""
+
+    wrapped_private: bytes
+    public_key: bytes
+
+
+@dataclass(frozen=True)
 class Barrier(Command):
     """Changes nothing; its commit proves this node has applied the log up to it."""
 

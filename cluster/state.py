@@ -191,6 +191,8 @@ class KmsState:
         self.nodes: dict[str, NodeRecord] = {}
         self.domain_key_check: str | None = None
         self.audit = AuditChain()
+        # (wrapped private key, DER public key) of the audit digest signing key.
+        self.audit_signing_key: tuple[bytes, bytes] | None = None
         self.key_usage: dict[str, KeyUsage] = {}
         # When this replica's usage tracking began (the first audit batch it saw applied).
         self.usage_tracking_start: str | None = None
@@ -210,6 +212,11 @@ class KmsState:
 
     def _apply_Barrier(self, cmd: c.Barrier) -> None:
         return None
+
+    def _apply_SetAuditSigningKey(self, cmd: c.SetAuditSigningKey) -> tuple[bytes, bytes]:
+        if self.audit_signing_key is None:
+            self.audit_signing_key = (cmd.wrapped_private, cmd.public_key)
+        return self.audit_signing_key
 
     def _apply_AppendAudit(self, cmd: c.AppendAudit) -> list[ChainedRecord]:
         """Chain a batch. A decision whose key changed since it was made is revoked here,
@@ -518,6 +525,8 @@ class KmsState:
             "nodes": records(self.nodes),
             "domain_key_check": self.domain_key_check,
             "audit": self.audit.to_snapshot(),
+            "audit_signing_key": (list(self.audit_signing_key)
+                                  if self.audit_signing_key else None),
             "key_usage": {k: dataclasses.asdict(v) for k, v in sorted(self.key_usage.items())},
             "usage_tracking_start": self.usage_tracking_start,
             "applied_count": self.applied_count,
@@ -549,6 +558,8 @@ class KmsState:
         self.principals, self.grants = principals, grants
         self.domain_key_check = raw["domain_key_check"]
         self.audit = AuditChain.from_snapshot(raw["audit"])
+        signing = raw.get("audit_signing_key")
+        self.audit_signing_key = (signing[0], signing[1]) if signing else None
         self.key_usage = {k: KeyUsage(**v) for k, v in raw["key_usage"].items()}
         self.usage_tracking_start = raw["usage_tracking_start"]
         self.applied_count = raw["applied_count"]

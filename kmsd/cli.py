@@ -72,11 +72,21 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     expected = (ChainHead(args.expected_seq, args.expected_hash)
                 if args.expected_seq is not None and args.expected_hash else None)
     result = verify_directory(args.dir, expected_head=expected)
-    print(json.dumps({"ok": result.ok, "records": result.records,
+    checked = None
+    if args.public_key and result.ok:
+        import base64
+
+        from kmsd.audit.digests import check_digests
+        from kmsd.audit.segments import read_records
+
+        checked = check_digests(read_records(args.dir), base64.b64decode(args.public_key))
+    ok = result.ok and (checked is None or checked.ok)
+    print(json.dumps({"ok": ok, "records": result.records,
+                      "digests": dataclasses.asdict(checked) if checked else None,
                       "head": dataclasses.asdict(result.head),
                       "error": dataclasses.asdict(result.error) if result.error else None,
                       "torn": dataclasses.asdict(result.torn) if result.torn else None}))
-    return 0 if result.ok else 1
+    return 0 if ok else 1
 
 
 def _cmd_hsm(args: argparse.Namespace) -> int:
@@ -136,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--dir", required=True)
     audit.add_argument("--expected-seq", type=int, default=None)
     audit.add_argument("--expected-hash", default=None)
+    audit.add_argument("--public-key", default=None,
+                       help="the digest signing key (base64 DER, from kmsctl audit public-key):"
+                            " also check every signed digest")
     audit.set_defaults(func=_cmd_audit_verify)
 
     hsm = sub.add_parser("hsm", help="prepare a node's HSM token")

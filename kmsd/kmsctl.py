@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                                              "bad record")
     export = audit.add_parser("export", help="write JSONL, one CloudTrail-shaped event a line")
     tail = audit.add_parser("tail", help="follow new records")
-    for cmd in (verify, export, tail):
+    audit.add_parser("digest", help="sign the chain head now (HSM-held ECDSA key)")
+    audit.add_parser("public-key", help="the digest signing public key (DER, base64)")
+    for cmd in (verify, export, tail, *(audit.choices[n] for n in ("digest", "public-key"))):
         cmd.add_argument("--node", help="node id (default: the --endpoint node)")
     export.add_argument("--since", help="ISO-8601 time, inclusive")
     export.add_argument("--until", help="ISO-8601 time, exclusive")
@@ -179,6 +181,12 @@ def _audit(client: AdminClient, args: argparse.Namespace) -> int:
                   if error else f"kmsctl: audit chain incomplete: {result['segment_gap']}",
                   file=sys.stderr)
             return 1
+        return 0
+    if args.action == "digest":
+        print(json.dumps(client.call("POST", "/v1/audit/digest", endpoint=endpoint), indent=2))
+        return 0
+    if args.action == "public-key":
+        print(json.dumps(client.get("/v1/audit/public-key", endpoint=endpoint), indent=2))
         return 0
     if args.action == "export":
         query = urllib.parse.urlencode({k: v for k, v in (

@@ -28,11 +28,13 @@ from kmsd.api.admin import make_admin_app
 from kmsd.api.protocol import Authenticator, KmsProtocol
 from kmsd.api.validation import RequestValidator
 from kmsd.audit.committer import AuditCommitter
+from kmsd.audit.digest_signer import DigestSigner
 from kmsd.audit.sink import SegmentSink
 from kmsd.auth.credentials import CredentialStore
 from kmsd.auth.sigv4 import SigV4Verifier
 from kmsd.clock import Clock, OffsetClock, SystemClock
 from kmsd.config import NodeConfig
+from kmsd.hsm.asymmetric import AsymmetricKeys
 from kmsd.hsm.partition import HsmPartition
 from kmsd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kmsd.metrics import NodeFacts, NodeMetrics
@@ -41,6 +43,9 @@ from kmsd.service.core import ServiceCore
 from kmsd.service.scheduler import KeyScheduler
 
 log = structlog.get_logger("kmsd.node")
+
+# How often the leader signs the audit chain head (when it has grown).
+AUDIT_DIGEST_INTERVAL_SECONDS = 300.0
 
 
 class Node:
@@ -75,6 +80,8 @@ class Node:
         self.hsm.observe = self.metrics.observe_hsm
         self.audit = AuditCommitter(self.raft, on_batch=self.metrics.observe_audit_batch,
                                     on_failure=self.metrics.audit_commit_failures.inc)
+        self.digest_signer = DigestSigner(self.core, self.audit, AsymmetricKeys(self.hsm),
+                                          config.node_id, AUDIT_DIGEST_INTERVAL_SECONDS)
         self.protocol = KmsProtocol(self.core, self.authenticator, RequestValidator(),
                                     self.not_ready_reason, self.audit, config.node_id,
                                     self.metrics.observe_request)
@@ -130,6 +137,7 @@ class Node:
                                                         member.api_url, member.admin_url):
             await self.raft.submit(member)
         await self._bootstrap_credentials()
+        await self.digest_signer.ensure_key()
         self._not_ready = None
         log.info("node_ready", domain_key_check=self.domain_key_check)
 
@@ -198,7 +206,7 @@ class Node:
         self.raft.start()
         for app, listen in ((self.api_app(), self.config.api_listen),
                             (make_admin_app(self.authenticator, self.core, self.status,
-                                            self.audit_sink),
+                                            self.audit_sink, self.digest_signer),
                              self.config.admin_listen)):
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
@@ -207,7 +215,8 @@ class Node:
             self._runners.append(runner)
         self._tasks = [asyncio.create_task(self._bootstrap()),
                        asyncio.create_task(KeyScheduler(
-                           self.core, self.config.scheduler_interval_seconds).run())]
+                           self.core, self.config.scheduler_interval_seconds).run()),
+                       asyncio.create_task(self.digest_signer.run())]
         log.info("node_started", api=self.config.api_listen, admin=self.config.admin_listen,
                  raft=self.config.raft_address)
 

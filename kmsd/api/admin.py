@@ -27,6 +27,7 @@ from aiohttp import web
 
 from kmsd.api.admin_audit import add_audit_routes
 from kmsd.api.protocol import Authenticator, error_response, json_response
+from kmsd.audit.digest_signer import DigestSigner
 from kmsd.audit.sink import SegmentSink
 from kmsd.errors import KmsError, SerializationException
 from kmsd.service import principals
@@ -38,7 +39,8 @@ _CALLER = web.AppKey("caller", Caller)
 
 
 def make_admin_app(authenticator: Authenticator, core: ServiceCore,
-                   node_status: StatusSource, audit_sink: SegmentSink) -> web.Application:
+                   node_status: StatusSource, audit_sink: SegmentSink,
+                   digest_signer: DigestSigner) -> web.Application:
     @web.middleware
     async def authenticate(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -125,5 +127,5 @@ def make_admin_app(authenticator: Authenticator, core: ServiceCore,
     app.router.add_delete("/v1/access-keys/{access_key_id}", delete_access_key)
     app.router.add_put("/v1/principals/{kind}/{name}/policies/{policy}", put_policy)
     app.router.add_delete("/v1/principals/{kind}/{name}/policies/{policy}", delete_policy)
-    add_audit_routes(app, core, audit_sink, respond, root_only)
+    add_audit_routes(app, core, audit_sink, digest_signer, respond, root_only)
     return app

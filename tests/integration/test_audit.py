@@ -3,6 +3,7 @@ revocation at the disabling log position, identical chains on every node."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -298,3 +299,65 @@ def test_chains_are_identical_after_a_leader_kill(
             assert head(cluster, node)["ok"] is True
     finally:
         cluster.stop()
+
+
+def test_signed_digests_verify_offline_and_expose_a_rewritten_history(
+        audited: Cluster, tmp_path) -> None:
+    audited.client(0).list_keys()
+    signed = audited.admin(1, "POST", "/v1/audit/digest")
+    public = audited.admin(2, "GET", "/v1/audit/public-key")
+    assert public["KeySpec"] == "ECC_NIST_P256" and public["SigningAlgorithm"] == "ECDSA_SHA_256"
+    tip = wait_same_heads(audited, [0, 1, 2])
+    assert tip["seq"] >= signed["seq"]
+    report = head(audited, 0)
+    assert report["ok"] is True and report["digests"]["digests"] >= 1
+    digest = next(r for r in records(audited, 0) if r["seq"] == signed["seq"])
+    assert digest["event"]["eventName"] == "AuditDigest"
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from kmsd.audit.digests import digest_message
+
+    data = digest["event"]["additionalEventData"]
+    key = serialization.load_der_public_key(base64.b64decode(public["PublicKey"]))
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    key.verify(base64.b64decode(data["signature"]),
+               digest_message(data["digestSeq"], data["digestHash"],
+                              digest["event"]["eventTime"]), ec.ECDSA(hashes.SHA256()))
+    source = os.path.join(audited.data_dir, "node-1", "data", "audit")
+    ok = subprocess.run([sys.executable, "-m", "kmsd.cli", "audit-verify", "--dir", source,
+                         "--public-key", public["PublicKey"]], capture_output=True, text=True,
+                        timeout=60)
+    assert json.loads(ok.stdout)["ok"] is True, ok.stdout
+    # A history rewritten consistently (hashes recomputed) still fails the signed digest.
+    rewritten = tmp_path / "rewritten"
+    shutil.copytree(source, rewritten)
+    _rewrite_first_record(rewritten)
+    bad = subprocess.run([sys.executable, "-m", "kmsd.cli", "audit-verify", "--dir",
+                          str(rewritten), "--public-key", public["PublicKey"]],
+                         capture_output=True, text=True, timeout=60)
+    report = json.loads(bad.stdout)
+    assert bad.returncode == 1 and report["digests"]["bad_seq"] is not None
+
+
+def _rewrite_first_record(directory: Any) -> None:
+    """Change the first record's event and recompute every hash after it, as a forger would."""
+    from kmsd.audit.chain import GENESIS_HASH, ChainedRecord, canonical_bytes, record_hash
+
+    prev = GENESIS_HASH
+    for segment in sorted(os.listdir(directory)):
+        path = os.path.join(directory, segment)
+        out = []
+        with open(path, "rb") as handle:
+            for raw in handle.read().splitlines():
+                data = json.loads(raw)
+                event = data["event"]
+                if data["seq"] == 1:
+                    event["userAgent"] = "forged"
+                event_bytes = canonical_bytes(event)
+                digest = record_hash(data["seq"], prev, data["node"], data["revoked"], event_bytes)
+                out.append(ChainedRecord(data["seq"], prev, digest, data["node"],
+                                         data["revoked"], event_bytes).to_line())
+                prev = digest
+        with open(path, "wb") as handle:
+            handle.writelines(out)
