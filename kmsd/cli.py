@@ -41,7 +41,7 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         nodes=args.nodes, data_dir=args.data_dir, base_port=args.port,
         account_id=args.account_id, regions=regions, access_key_id=args.access_key_id,
         secret_access_key=args.secret_access_key, scheduler_interval=args.scheduler_interval,
-        test_clock=args.test_clock))
+        test_clock=args.test_clock, tls=args.tls))
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--secret-access-key", default=None)
     dev.add_argument("--scheduler-interval", type=float, default=1.0,
                      help="seconds between the leader's deletion/rotation checks")
+    dev.add_argument("--tls", action="store_true",
+                     help="HTTPS on every port with a private CA (its path: ca_bundle)")
     dev.add_argument("--test-clock", action="store_true",
                      help="tests only: proposer clocks read an offset from node-i/clock-offset")
     dev.set_defaults(func=_cmd_dev)

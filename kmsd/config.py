@@ -12,11 +12,13 @@ Example:
     listen = "127.0.0.1:7700"          # the AWS KMS API
     admin_listen = "127.0.0.1:7800"    # kmsctl's admin API
     public_url = "http://127.0.0.1:7700"   # optional; how peers and clients reach this node
+    tls_certificate = "/etc/kmsd/tls.pem"  # optional: serve HTTPS on both ports
+    tls_key = "/etc/kmsd/tls-key.pem"
 
     [raft]
     address = "127.0.0.1:7900"
     peers = ["127.0.0.1:7901", "127.0.0.1:7902"]
-    password_file = "/etc/kmsd/raft.secret"   # or password_env
+    password_file = "/etc/kmsd/raft.secret"   # or password_env, or password_credential
 
     [cluster]
     regions = ["us-east-1"]
@@ -25,15 +27,24 @@ Example:
     [hsm]
     module = "/usr/lib/softhsm/libsofthsm2.so"
     token_label = "kmsd-node-1"
-    pin_file = "/etc/kmsd/pin"        # or pin_env = "KMSD_HSM_PIN"
+    pin_file = "/etc/kmsd/pin"        # or pin_env = "KMSD_HSM_PIN", or pin_credential = "pin"
     softhsm2_conf = "/var/lib/kmsd/softhsm2.conf"   # optional, SoftHSM2 only
 
     [testing]            # never in production
     clock_offset_file = "/tmp/offset"   # seconds added to the proposer clock
 
 Secrets (PIN, Raft password) are never written into this file: it names where
-they come from, a file (0600, or a systemd credential) or an environment
-variable.
+each comes from, exactly one of
+
+- `*_file`: a file, readable by the kmsd user only (0600);
+- `*_env`: an environment variable;
+- `*_credential`: a systemd credential, read from
+  `$CREDENTIALS_DIRECTORY/<name>`; the unit loads it with
+  `LoadCredential=<name>:<path>` (ops/systemd/kmsd@.service), so the source file
+  stays root-only and the service reads a private, read-only copy.
+
+A secret that is empty after stripping whitespace is refused: an empty Raft
+password would leave pysyncobj's pickle port unauthenticated.
 """
 
 from __future__ import annotations
@@ -53,24 +64,70 @@ class ConfigError(ValueError):
     pass
 
 
+CREDENTIALS_DIRECTORY_ENV = "CREDENTIALS_DIRECTORY"
+
+
 @dataclass(frozen=True)
 class SecretSource:
+    """Where one secret comes from; exactly one field is set. Never holds the secret itself."""
+
     file: str | None = None
     env: str | None = None
+    credential: str | None = None
 
     def read(self, what: str) -> str:
         if self.file:
-            try:
-                with open(self.file, encoding="utf-8") as handle:
-                    return handle.read().strip()
-            except OSError as exc:
-                raise ConfigError(f"cannot read {what} file {self.file}: {exc.strerror}") from None
-        if self.env:
-            value = os.environ.get(self.env)
-            if value is None:
+            where = f"{what} file {self.file}"
+            value = self._read_file(self.file, where)
+        elif self.env:
+            env_value = os.environ.get(self.env)
+            if env_value is None:
                 raise ConfigError(f"{what} environment variable {self.env} is not set")
-            return value
-        raise ConfigError(f"no source configured for the {what}")
+            value = env_value  # as given: unlike a file, a variable has no trailing newline
+            where = f"{what} environment variable {self.env}"
+        elif self.credential:
+            directory = os.environ.get(CREDENTIALS_DIRECTORY_ENV)
+            if not directory:
+                raise ConfigError(
+                    f"{what} credential {self.credential!r} cannot be read: "
+                    f"{CREDENTIALS_DIRECTORY_ENV} is not set (run under systemd with "
+                    f"LoadCredential={self.credential}:<path>, or name a file instead)")
+            path = os.path.join(directory, self.credential)
+            where = f"{what} credential {self.credential!r} at {path}"
+            value = self._read_file(path, where)
+        else:
+            raise ConfigError(f"no source configured for the {what}")
+        if not value.strip():
+            raise ConfigError(f"{where} is empty")
+        return value
+
+    @staticmethod
+    def _read_file(path: str, where: str) -> str:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return handle.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {where}: {exc.strerror}") from None
+
+
+def _secret_source(section: dict, section_name: str, prefix: str) -> SecretSource:
+    """The one source `<prefix>_file`, `<prefix>_env` or `<prefix>_credential` names."""
+    options = (f"{prefix}_file", f"{prefix}_env", f"{prefix}_credential")
+    given = [o for o in options if section.get(o) is not None]
+    if not given:
+        raise ConfigError(f"{section_name} needs one of {', '.join(options)}")
+    if len(given) > 1:
+        raise ConfigError(f"{section_name}: set only one of {', '.join(options)} "
+                          f"(found {', '.join(given)})")
+    option = given[0]
+    value = section[option]
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{section_name}.{option} must be a non-empty string")
+    if option.endswith("_credential") and ("/" in value or value in (".", "..")):
+        # systemd's rule for credential names: one path component.
+        raise ConfigError(f"{section_name}.{option} must be a credential name without '/', "
+                          f"got {value!r}")
+    return SecretSource(**{option.removeprefix(f"{prefix}_"): value})
 
 
 @dataclass(frozen=True)
@@ -94,6 +151,8 @@ class NodeConfig:
     scheduler_interval_seconds: float = 10.0
     # Test-only: a file holding seconds to add to the proposer clock.
     clock_offset_file: str | None = None
+    tls_certificate: str | None = None
+    tls_key: str | None = None
 
     @property
     def default_region(self) -> str:
@@ -130,23 +189,28 @@ def parse(raw: dict) -> NodeConfig:
     host, port = _split_host_port(api["listen"], "api.listen")
     admin_host, admin_port = _split_host_port(api["admin_listen"], "api.admin_listen")
     _split_host_port(raft["address"], "raft.address")
+    if bool(api.get("tls_certificate")) != bool(api.get("tls_key")):
+        raise ConfigError("api.tls_certificate and api.tls_key go together")
+    scheme = "https" if api.get("tls_certificate") else "http"
     return NodeConfig(
         node_id=str(node["id"]),
         az=str(node.get("az", "default")),
         data_dir=str(node["data_dir"]),
         api_listen=api["listen"],
         admin_listen=api["admin_listen"],
-        public_url=api.get("public_url", f"http://{host}:{port}"),
-        admin_url=api.get("admin_url", f"http://{admin_host}:{admin_port}"),
+        public_url=api.get("public_url", f"{scheme}://{host}:{port}"),
+        admin_url=api.get("admin_url", f"{scheme}://{admin_host}:{admin_port}"),
         raft_address=raft["address"],
         raft_peers=tuple(raft.get("peers", ())),
-        raft_password=SecretSource(raft.get("password_file"), raft.get("password_env")),
+        raft_password=_secret_source(raft, "raft", "password"),
         regions=regions,
         account_id=account_id,
         hsm_module=hsm.get("module") or softhsm_module_path(),
         token_label=hsm["token_label"],
-        pin=SecretSource(hsm.get("pin_file"), hsm.get("pin_env")),
+        pin=_secret_source(hsm, "hsm", "pin"),
         softhsm2_conf=hsm.get("softhsm2_conf"),
         scheduler_interval_seconds=float(node.get("scheduler_interval_seconds", 10.0)),
         clock_offset_file=raw.get("testing", {}).get("clock_offset_file"),
+        tls_certificate=api.get("tls_certificate"),
+        tls_key=api.get("tls_key"),
     )

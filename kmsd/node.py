@@ -41,6 +41,7 @@ from kmsd.metrics import NodeFacts, NodeMetrics
 from kmsd.service import principals
 from kmsd.service.core import ServiceCore
 from kmsd.service.scheduler import KeyScheduler
+from kmsd.tls import CertificatePaths, certificate_expiry, server_context
 
 log = structlog.get_logger("kmsd.node")
 
@@ -76,7 +77,8 @@ class Node:
             raft_status=self.raft.status,
             key_states=lambda: [k.key_state for k in list(self.state.keys.values())],
             cache_counts=lambda: (self.hsm.handle_cache_hits, self.hsm.handle_cache_misses),
-            certificate_expiry=lambda: None))
+            certificate_expiry=lambda: (certificate_expiry(config.tls_certificate)
+                                        if config.tls_certificate else None)))
         self.hsm.observe = self.metrics.observe_hsm
         self.audit = AuditCommitter(self.raft, on_batch=self.metrics.observe_audit_batch,
                                     on_failure=self.metrics.audit_commit_failures.inc)
@@ -211,7 +213,10 @@ class Node:
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             host, _, port = listen.rpartition(":")
-            await web.TCPSite(runner, host, int(port)).start()
+            context = (server_context(CertificatePaths(self.config.tls_certificate,
+                                                       self.config.tls_key))
+                       if self.config.tls_certificate and self.config.tls_key else None)
+            await web.TCPSite(runner, host, int(port), ssl_context=context).start()
             self._runners.append(runner)
         self._tasks = [asyncio.create_task(self._bootstrap()),
                        asyncio.create_task(KeyScheduler(

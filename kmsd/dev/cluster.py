@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import string
 import subprocess
 import sys
@@ -32,6 +33,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from kmsd import tls
 from kmsd.cli import INIT_ACCESS_KEY_ENV, INIT_SECRET_ENV
 from kmsd.hsm.partition import softhsm_module_path
 
@@ -50,6 +52,8 @@ class DevClusterOptions:
     scheduler_interval: float = 1.0
     # Test-only: each node's proposer clock reads an offset from node-i/clock-offset.
     test_clock: bool = False
+    # HTTPS on every port, with certificates from a private CA made in the data dir.
+    tls: bool = False
 
 
 @dataclass
@@ -75,13 +79,19 @@ class DevNode:
     def raft_address(self) -> str:
         return f"127.0.0.1:{self.base_port + 200 + self.index - 1}"
 
+    tls: bool = False
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return f"{self.scheme}://127.0.0.1:{self.api_port}"
 
     @property
     def admin_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
+        return f"{self.scheme}://127.0.0.1:{self.admin_port}"
 
     @property
     def config_path(self) -> str:
@@ -120,6 +130,10 @@ def write_node_files(node: DevNode, peers: list[DevNode], options: DevClusterOpt
                      "objectstore.backend = file\nlog.level = ERROR\n")
     _write_private(os.path.join(node.root, "raft.secret"), raft_secret)
     other = [p.raft_address for p in peers if p.index != node.index]
+    tls_lines = ""
+    if options.tls:
+        tls_lines = (f'tls_certificate = "{os.path.join(node.root, "tls.pem")}"\n'
+                     f'tls_key = "{os.path.join(node.root, "tls-key.pem")}"\n')
     with open(node.config_path, "w") as handle:
         handle.write(f"""[node]
 id = "{node.node_id}"
@@ -130,7 +144,7 @@ scheduler_interval_seconds = {options.scheduler_interval}
 [api]
 listen = "127.0.0.1:{node.api_port}"
 admin_listen = "127.0.0.1:{node.admin_port}"
-
+{tls_lines}
 [raft]
 address = "{node.raft_address}"
 peers = {_toml_list(other)}
@@ -178,9 +192,9 @@ def clone_domain_key(donor: DevNode, recipient: DevNode) -> None:
         raise RuntimeError(f"domain key clone into {recipient.node_id} does not match")
 
 
-def _http_ok(url: str) -> bool:
+def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=1.0) as response:
+        with urllib.request.urlopen(url, timeout=1.0, context=context) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -192,8 +206,12 @@ class DevCluster:
         self._temporary = options.data_dir is None
         self.root = options.data_dir or tempfile.mkdtemp(prefix="kmsd-dev-")
         os.makedirs(self.root, exist_ok=True)
-        self.nodes = [DevNode(i, os.path.join(self.root, f"node-{i}"), options.base_port)
+        self.nodes = [DevNode(i, os.path.join(self.root, f"node-{i}"), options.base_port,
+                              tls=options.tls)
                       for i in range(1, options.nodes + 1)]
+        self.ca = tls.make_ca(os.path.join(self.root, "ca")) if options.tls else None
+        self.ssl_context = (ssl.create_default_context(cafile=self.ca.certificate)
+                            if self.ca else None)
         self.access_key_id = ""
         self.secret_access_key = ""
 
@@ -207,6 +225,8 @@ class DevCluster:
                 raft_secret = handle.read().strip()
         for node in self.nodes:
             write_node_files(node, self.nodes, self.options, raft_secret)
+            if self.ca is not None and not os.path.exists(os.path.join(node.root, "tls.pem")):
+                tls.make_node_certificate(self.ca, node.root, node.node_id)
         if fresh:
             for node in self.nodes:
                 init_token(node)
@@ -241,7 +261,7 @@ class DevCluster:
                 if node.process is not None and node.process.poll() is not None:
                     raise RuntimeError(f"{node.node_id} exited with {node.process.returncode};"
                                        f" see {os.path.join(node.root, 'node.log')}")
-                if _http_ok(node.endpoint + "/readyz"):
+                if _http_ok(node.endpoint + "/readyz", self.ssl_context):
                     pending.remove(node)
             time.sleep(0.1)
 
@@ -260,7 +280,8 @@ class DevCluster:
                 SigV4Auth(credentials, "kms", self.options.regions[0]).add_auth(request)
                 http = urllib.request.Request(url, headers=dict(request.prepare().headers))
                 try:
-                    with urllib.request.urlopen(http, timeout=2) as response:
+                    with urllib.request.urlopen(http, timeout=2,
+                                                context=self.ssl_context) as response:
                         if response.status == 200:
                             break
                 except (urllib.error.URLError, OSError):
@@ -281,6 +302,7 @@ class DevCluster:
             "clock_offset_files": ([n.clock_offset_path for n in self.nodes]
                                    if self.options.test_clock else []),
             "data_dir": self.root,
+            "ca_bundle": self.ca.certificate if self.ca else None,
             "access_key_id": self.access_key_id,
             "secret_access_key": self.secret_access_key,
         }

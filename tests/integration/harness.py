@@ -9,6 +9,7 @@ import random
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -89,8 +90,14 @@ class Cluster:
             region_name=region or self.region,
             aws_access_key_id=access_key_id or self.info["access_key_id"],
             aws_secret_access_key=secret_access_key or self.info["secret_access_key"],
+            verify=self.info.get("ca_bundle") or None,
             config=Config(retries={"max_attempts": retries, "mode": "standard"},
                           connect_timeout=3, read_timeout=15))
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        bundle = self.info.get("ca_bundle")
+        return ssl.create_default_context(cafile=bundle) if bundle else None
 
     def admin_get(self, node: int, path: str) -> dict[str, Any]:
         return self.admin(node, "GET", path)
@@ -104,7 +111,7 @@ class Cluster:
         prepared = request.prepare()
         http = urllib.request.Request(url, data=body or None, headers=dict(prepared.headers),
                                       method=method)
-        with urllib.request.urlopen(http, timeout=10) as response:
+        with urllib.request.urlopen(http, timeout=10, context=self.ssl_context) as response:
             return json.loads(response.read())
 
     def new_user(self, name: str, policy: dict[str, Any] | None = None) -> dict[str, str]:
@@ -151,7 +158,7 @@ class Cluster:
     def ready(self, node: int) -> bool:
         try:
             with urllib.request.urlopen(self.info["endpoints"][node] + "/readyz",
-                                        timeout=1) as response:
+                                        timeout=1, context=self.ssl_context) as response:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
