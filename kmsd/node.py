@@ -23,7 +23,7 @@ from aiohttp import web
 from cluster import commands
 from cluster.raft_node import RaftNode, RaftSettings, RaftUnavailable
 from cluster.state import Applied, KeyRecord, KmsState, Rejected
-from kmsd import bootstrap
+from kmsd import bootstrap, sd_notify
 from kmsd.api.admin import make_admin_app
 from kmsd.api.protocol import Authenticator, KmsProtocol
 from kmsd.api.validation import RequestValidator
@@ -129,6 +129,7 @@ class Node:
                                "different domain key than the cluster; it will not serve.")
             log.error("domain_key_mismatch", token=self.config.token_label,
                       node_check=self.domain_key_check, cluster_check=cluster_check)
+            sd_notify.status(self._not_ready)
             return
         member = commands.RegisterNode(self.config.node_id, self.config.az,
                                        self.config.raft_address, self.config.public_url,
@@ -141,6 +142,8 @@ class Node:
         await self._bootstrap_credentials()
         await self.digest_signer.ensure_key()
         self._not_ready = None
+        # systemd Type=notify: the unit is "started" once the node serves.
+        sd_notify.ready(f"serving as {self.config.node_id}")
         log.info("node_ready", domain_key_check=self.domain_key_check)
 
     async def _bootstrap_credentials(self) -> None:
@@ -226,6 +229,7 @@ class Node:
                  raft=self.config.raft_address)
 
     async def stop(self) -> None:
+        sd_notify.stopping()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

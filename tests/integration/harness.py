@@ -209,12 +209,13 @@ def _alive(pid: int) -> bool:
 
 
 def start_cluster(data_dir: str, nodes: int = 3, extra_args: tuple[str, ...] = (),
-                  timeout: float = 90.0) -> Cluster:
+                  timeout: float = 90.0, env: dict[str, str] | None = None) -> Cluster:
     base = free_base_port(nodes)
     process = subprocess.Popen(
         [sys.executable, "-m", "kmsd.cli", "dev", "--nodes", str(nodes), "--data-dir", data_dir,
          "--port", str(base), *extra_args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})})
     assert process.stdout is not None
     ready, _, _ = select.select([process.stdout], [], [], timeout)
     line = process.stdout.readline() if ready else b""

@@ -83,3 +83,22 @@ def test_restart_on_the_same_data_dir_keeps_the_cluster(
         assert second.client(0).decrypt(CiphertextBlob=blob)["Plaintext"] == b"again"
     finally:
         second.stop()
+
+
+def test_nodes_notify_systemd_when_ready(tmp_path_factory: pytest.TempPathFactory) -> None:
+    import socket
+
+    directory = tmp_path_factory.mktemp("notify")
+    path = str(directory / "notify.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    receiver.settimeout(30)
+    cluster = start_cluster(str(directory / "cluster"), env={"NOTIFY_SOCKET": path})
+    try:
+        messages = [receiver.recv(4096).decode() for _ in range(cluster.size)]
+        assert all("READY=1" in m.split("\n") for m in messages)
+        assert sorted(m.split("STATUS=serving as ")[1].split("\n")[0] for m in messages) == [
+            "node-1", "node-2", "node-3"]
+    finally:
+        cluster.stop()
+        receiver.close()
