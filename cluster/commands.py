@@ -74,8 +74,12 @@ class CreateKey(Command):
     origin: str
     policy: str
     tags: tuple[tuple[str, str], ...]
+    # The symmetric backing key, or the private/secret key of an asymmetric or HMAC key,
+    # wrapped under the domain key.
     wrapped_backing_key: bytes
     at: float
+    # DER SubjectPublicKeyInfo of an asymmetric key (not secret); None otherwise.
+    public_key: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -256,6 +260,26 @@ class SetAuditSigningKey(Command):
 
     wrapped_private: bytes
     public_key: bytes
+
+
+@dataclass(frozen=True)
+class CreateJoinToken(Command):
+    """A one-time token (only its SHA-256 is stored) that lets one node join."""
+
+    token_hash: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class ConsumeJoinToken(Command):
+    token_hash: str
+    node_id: str
+    at: float
+
+
+@dataclass(frozen=True)
+class DeregisterNode(Command):
+    node_id: str
 
 
 @dataclass(frozen=True)

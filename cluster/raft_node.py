@@ -139,6 +139,38 @@ class RaftNode:
         except TimeoutError as exc:
             raise RaftUnavailable("commit timed out") from exc
 
+    async def _membership(self, change: str, address: str, timeout: float | None) -> None:
+        if self._syncobj is None:
+            raise RaftUnavailable("raft node is not running")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def resolve(_result: Any, error: int) -> None:  # on the pysyncobj tick thread
+            def settle() -> None:
+                if future.done():
+                    return
+                if error == FAIL_REASON.SUCCESS:
+                    future.set_result(None)
+                else:
+                    future.set_exception(RaftUnavailable(_FAIL_NAMES.get(error, str(error))))
+            loop.call_soon_threadsafe(settle)
+
+        if change == "add":
+            self._syncobj.addNodeToCluster(address, callback=resolve)
+        else:
+            self._syncobj.removeNodeFromCluster(address, callback=resolve)
+        try:
+            await asyncio.wait_for(future, timeout or self.settings.commit_timeout)
+        except TimeoutError as exc:
+            raise RaftUnavailable("membership change timed out") from exc
+
+    async def add_member(self, address: str, timeout: float | None = None) -> None:
+        """Add a voting member (one change at a time, as pysyncobj requires)."""
+        await self._membership("add", address, timeout)
+
+    async def remove_member(self, address: str, timeout: float | None = None) -> None:
+        await self._membership("remove", address, timeout)
+
     async def barrier(self, timeout: float | None = None) -> None:
         """Return once this node has applied every entry committed before the call."""
         await self.submit(commands.Barrier(), timeout)

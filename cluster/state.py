@@ -65,6 +65,8 @@ class KeyRecord:
     rotation_enabled: bool = False
     rotation_period_days: int | None = None
     next_rotation_at: float | None = None
+    # DER SubjectPublicKeyInfo of an asymmetric key (its private key is backing_keys[0]).
+    public_key: bytes | None = None
 
     @property
     def arn(self) -> str:
@@ -189,6 +191,8 @@ class KmsState:
         self.principals: dict[str, PrincipalRecord] = {}
         self.grants: dict[str, GrantRecord] = {}
         self.nodes: dict[str, NodeRecord] = {}
+        # Join tokens by SHA-256: (expiry, node id that used it or "").
+        self.join_tokens: dict[str, tuple[float, str]] = {}
         self.domain_key_check: str | None = None
         self.audit = AuditChain()
         # (wrapped private key, DER public key) of the audit digest signing key.
@@ -248,6 +252,19 @@ class KmsState:
     def _apply_RegisterNode(self, cmd: c.RegisterNode) -> None:
         self.nodes[cmd.node_id] = NodeRecord(cmd.node_id, cmd.az, cmd.raft_address,
                                              cmd.api_url, cmd.admin_url)
+
+    def _apply_CreateJoinToken(self, cmd: c.CreateJoinToken) -> None:
+        self.join_tokens[cmd.token_hash] = (cmd.expires_at, "")
+
+    def _apply_ConsumeJoinToken(self, cmd: c.ConsumeJoinToken) -> None:
+        entry = self.join_tokens.get(cmd.token_hash)
+        if entry is None or entry[1] or entry[0] < cmd.at:
+            raise _Refuse("AccessDeniedException", "The join token is unknown, used or expired.")
+        self.join_tokens[cmd.token_hash] = (entry[0], cmd.node_id)
+
+    def _apply_DeregisterNode(self, cmd: c.DeregisterNode) -> None:
+        if self.nodes.pop(cmd.node_id, None) is None:
+            raise _Refuse("NotFoundException", f"No member named {cmd.node_id}.")
 
     def _apply_PutAccessKey(self, cmd: c.PutAccessKey) -> bool:
         if cmd.access_key_id in self.access_keys:
@@ -354,7 +371,8 @@ class KmsState:
             description=cmd.description, key_usage=cmd.key_usage, key_spec=cmd.key_spec,
             origin=cmd.origin, policy=cmd.policy, tags=cmd.tags, created_at=cmd.at,
             key_state=KEY_STATE_ENABLED,
-            backing_keys=(BackingKey(1, cmd.wrapped_backing_key, cmd.at),), epoch=1)
+            backing_keys=(BackingKey(1, cmd.wrapped_backing_key, cmd.at),), epoch=1,
+            public_key=cmd.public_key)
         self.keys[cmd.key_id] = record
         return record
 
@@ -523,6 +541,7 @@ class KmsState:
             "principals": records(self.principals),
             "grants": records(self.grants),
             "nodes": records(self.nodes),
+            "join_tokens": {k: list(v) for k, v in sorted(self.join_tokens.items())},
             "domain_key_check": self.domain_key_check,
             "audit": self.audit.to_snapshot(),
             "audit_signing_key": (list(self.audit_signing_key)
@@ -556,6 +575,7 @@ class KmsState:
         # Whole dicts are swapped in, never mutated, so concurrent readers see old or new.
         self.keys, self.aliases, self.access_keys, self.nodes = keys, aliases, access_keys, nodes
         self.principals, self.grants = principals, grants
+        self.join_tokens = {k: (v[0], v[1]) for k, v in raw.get("join_tokens", {}).items()}
         self.domain_key_check = raw["domain_key_check"]
         self.audit = AuditChain.from_snapshot(raw["audit"])
         signing = raw.get("audit_signing_key")

@@ -62,6 +62,18 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_join(args: argparse.Namespace) -> int:
+    from kmsd.join import join
+
+    cfg = config_module.load(args.config)
+    partition = _open_partition(args.config)
+    try:
+        print(json.dumps(join(cfg, partition, args.token, args.via, args.ca_bundle)))
+    finally:
+        partition.close()
+    return 0
+
+
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     """Offline: verify a directory of audit segments (a node's, or a copy of one)."""
     import dataclasses
@@ -102,7 +114,8 @@ def _cmd_hsm(args: argparse.Namespace) -> int:
         elif args.hsm_command == "transport-key":
             print(json.dumps({"point": domain_clone.make_transport_key(partition).hex()}))
         elif args.hsm_command == "wrap-domain-key":
-            point, wrapped = domain_clone.wrap_domain_key_for(partition, bytes.fromhex(args.to))
+            point, wrapped, _ = domain_clone.wrap_domain_key_for(partition,
+                                                                 bytes.fromhex(args.to))
             print(json.dumps({"point": point.hex(), "wrapped": wrapped.hex(),
                               "domain_key_check": partition.domain_key_check_value()}))
         elif args.hsm_command == "accept-domain-key":
@@ -126,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
                                        " prints the access key once")
     init.add_argument("--config", required=True)
     init.set_defaults(func=_cmd_init)
+
+    join = sub.add_parser("join", help="join a running cluster (then start kmsd serve)")
+    join.add_argument("--config", required=True)
+    join.add_argument("--token", required=True, help="from kmsctl cluster join-token")
+    join.add_argument("--via", required=True, help="a member's admin endpoint")
+    join.add_argument("--ca-bundle", default=None, help="CA to verify the member's HTTPS")
+    join.set_defaults(func=_cmd_join)
 
     dev = sub.add_parser("dev", help="run a local cluster with SoftHSM2 tokens")
     dev.add_argument("--nodes", type=int, default=3)

@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="group", required=True)
     cluster = sub.add_parser("cluster").add_subparsers(dest="action", required=True)
     cluster.add_parser("status", help="members, AZ, role, term, commit index")
+    token = cluster.add_parser("join-token", help="a one-time token for kmsd join")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    remove = cluster.add_parser("remove", help="remove a member from the cluster")
+    remove.add_argument("node_id")
 
     principal = sub.add_parser("principal", help="users and roles").add_subparsers(
         dest="action", required=True)
@@ -150,13 +154,40 @@ def main(argv: list[str] | None = None) -> int:
     tail.add_argument("--count", type=int, default=0, help="stop after this many records")
     tail.add_argument("--from-start", action="store_true", help="print existing records too")
 
+    hsm = sub.add_parser("hsm", help="the node's HSM token").add_subparsers(
+        dest="action", required=True)
+    capabilities = hsm.add_parser("capabilities", help="which path each KMS key spec and "
+                                                       "algorithm takes on the token")
+    capabilities.add_argument("--node", help="node id (default: the --endpoint node)")
+
     args = parser.parse_args(argv)
     client = _client(args)
     if args.group == "audit":
         return _audit(client, args)
+    if args.group == "hsm":
+        return _hsm_capabilities(client, args)
     result = _run(client, args)
     if result is not None:
         print(json.dumps(result, indent=2))
+    return 0
+
+
+def _hsm_capabilities(client: AdminClient, args: argparse.Namespace) -> int:
+    report = client.get("/v1/hsm/capabilities", endpoint=_node_endpoint(client, args.node))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"token {report['token_label']!r}: {report['token_manufacturer']} "
+          f"{report['token_model']} (firmware {report['token_firmware']}), {report['library']}")
+    columns = ("kind", "name", "path", "detail")
+    rows = [[str(entry[c]) for c in columns] for entry in report["capabilities"]]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns[:-1])]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, [*widths, 0], strict=True)))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, [*widths, 0], strict=True)).rstrip())
+    helper = report["helper_process"]
+    if helper["enabled"]:
+        print("HSM helper process (off the event loop): " + "; ".join(helper["runs"]))
     return 0
 
 
@@ -225,6 +256,12 @@ def _audit(client: AdminClient, args: argparse.Namespace) -> int:
 
 
 def _run(client: AdminClient, args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.group == "cluster" and args.action == "join-token":
+        return client.call("POST", "/v1/cluster/join-tokens",
+                           json.dumps({"TtlSeconds": args.ttl}).encode())
+    if args.group == "cluster" and args.action == "remove":
+        return client.call("POST", "/v1/cluster/remove",
+                           json.dumps({"NodeId": args.node_id}).encode())
     if args.group == "cluster":
         status = cluster_status(client)
         if args.json:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import time
@@ -36,9 +37,11 @@ from kmsd.clock import Clock, OffsetClock, SystemClock
 from kmsd.config import NodeConfig
 from kmsd.hsm.asymmetric import AsymmetricKeys
 from kmsd.hsm.partition import HsmPartition
+from kmsd.hsm.worker_process import WorkerSettings
 from kmsd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kmsd.metrics import NodeFacts, NodeMetrics
 from kmsd.service import principals
+from kmsd.service.asymmetric_hsm import AsymmetricHsm
 from kmsd.service.core import ServiceCore
 from kmsd.service.scheduler import KeyScheduler
 from kmsd.tls import CertificatePaths, certificate_expiry, server_context
@@ -47,6 +50,19 @@ log = structlog.get_logger("kmsd.node")
 
 # How often the leader signs the audit chain head (when it has grown).
 AUDIT_DIGEST_INTERVAL_SECONDS = 300.0
+
+
+PEERS_FILE = "raft-peers.json"
+
+
+def membership_peers(config: NodeConfig) -> tuple[str, ...]:
+    """The Raft peers: from `kmsd join` (data dir) if this node joined, else the config."""
+    path = os.path.join(config.data_dir, PEERS_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            peers = json.load(handle)
+        return tuple(p for p in peers if p != config.raft_address)
+    return config.raft_peers
 
 
 class Node:
@@ -59,13 +75,19 @@ class Node:
         self.hsm = HsmPartition(config.hsm_module, config.token_label, config.pin.read("HSM PIN"))
         self.domain_key_check = self.hsm.domain_key_check_value()
         self.state = KmsState()
+        self._raft_password = config.raft_password.read("Raft password")
         self.raft = RaftNode(RaftSettings(
-            self_address=config.raft_address, peer_addresses=config.raft_peers,
+            self_address=config.raft_address, peer_addresses=membership_peers(config),
             data_dir=os.path.join(config.data_dir, "raft"),
-            password=config.raft_password.read("Raft password")), self.state,
+            password=self._raft_password), self.state,
             self._on_applied)
         self.core = ServiceCore(self.state, self.raft, self.hsm, self.clock,
                                 config.account_id, config.regions)
+        # Asymmetric and HMAC keys: cheap token calls inline, slow ones (RSA) in an HSM helper
+        # process with its own login to the same token.
+        self.asymmetric = AsymmetricHsm.for_node(self.core, self.hsm, WorkerSettings(
+            config.hsm_module, config.token_label, config.pin.read("HSM PIN"),
+            config.softhsm2_conf))
         self.credentials = CredentialStore(self.state, self.hsm)
         self.authenticator = Authenticator(
             # SigV4 checks skew against real time, never the (test-adjustable) proposer clock.
@@ -208,10 +230,12 @@ class Node:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.asymmetric.start()
         self.raft.start()
         for app, listen in ((self.api_app(), self.config.api_listen),
                             (make_admin_app(self.authenticator, self.core, self.status,
-                                            self.audit_sink, self.digest_signer),
+                                            self.audit_sink, self.digest_signer,
+                                            self._raft_password),
                              self.config.admin_listen)):
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
@@ -238,6 +262,7 @@ class Node:
             await runner.cleanup()
         self.raft.stop()
         self.audit_sink.close()
+        await self.asymmetric.stop()
         self.hsm.close()
         log.info("node_stopped")
 

@@ -3,6 +3,8 @@
 Routes:
     GET    /v1/audit/...                                     see kmsd/api/admin_audit.py
     GET    /v1/node/status                                   this node's role, indexes, HSM
+    GET    /v1/hsm/capabilities                              what this node's token does per
+                                                             KMS key spec and algorithm
     GET    /v1/cluster/members                               members in the replicated state
     GET    /v1/principals                                    users, roles, the account root
     POST   /v1/principals                  {"Kind", "Name"}  create a user or role
@@ -29,8 +31,9 @@ from kmsd.api.admin_audit import add_audit_routes
 from kmsd.api.protocol import Authenticator, error_response, json_response
 from kmsd.audit.digest_signer import DigestSigner
 from kmsd.audit.sink import SegmentSink
-from kmsd.errors import KmsError, SerializationException
-from kmsd.service import principals
+from kmsd.errors import KmsError, SerializationException, ValidationException
+from kmsd.service import membership, principals
+from kmsd.service.asymmetric_hsm import capabilities_report
 from kmsd.service.context import Caller
 from kmsd.service.core import ServiceCore
 
@@ -40,13 +43,16 @@ _CALLER = web.AppKey("caller", Caller)
 
 def make_admin_app(authenticator: Authenticator, core: ServiceCore,
                    node_status: StatusSource, audit_sink: SegmentSink,
-                   digest_signer: DigestSigner) -> web.Application:
+                   digest_signer: DigestSigner, raft_secret: str) -> web.Application:
     @web.middleware
     async def authenticate(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                            ) -> web.StreamResponse:
         request_id = str(uuid.uuid4())
         try:
+            if request.path == "/v1/cluster/join":
+                # The joining node has no credentials: its one-time join token authenticates.
+                return await handler(request)
             caller, _region = authenticator.authenticate(request, await request.read())
             request[_CALLER] = caller
             return await handler(request)
@@ -64,6 +70,9 @@ def make_admin_app(authenticator: Authenticator, core: ServiceCore,
             return json.loads(await request.read() or b"{}")
         except ValueError:
             raise SerializationException("The request body is not valid JSON.") from None
+
+    async def hsm_capabilities(_request: web.Request) -> web.Response:
+        return respond(capabilities_report(core))
 
     async def status(_request: web.Request) -> web.Response:
         return respond(node_status())
@@ -117,8 +126,34 @@ def make_admin_app(authenticator: Authenticator, core: ServiceCore,
                                        request.match_info["name"], request.match_info["policy"])
         return respond({})
 
+    async def join_token(request: web.Request) -> web.Response:
+        root_only(request)
+        body = await body_json(request)
+        ttl = body.get("TtlSeconds", membership.DEFAULT_TOKEN_TTL_SECONDS) \
+            if isinstance(body, dict) else membership.DEFAULT_TOKEN_TTL_SECONDS
+        if not isinstance(ttl, int | float) or not 1 <= ttl <= 7 * 86400:
+            raise ValidationException("TtlSeconds must be between 1 and 604800.")
+        token, expires_at = await membership.create_join_token(core, float(ttl))
+        return respond({"JoinToken": token, "ExpiresAt": expires_at})
+
+    async def join(request: web.Request) -> web.Response:
+        body = await body_json(request)
+        return respond(await membership.join(core, raft_secret,
+                                             membership.JoinRequest.parse(body)))
+
+    async def remove(request: web.Request) -> web.Response:
+        root_only(request)
+        body = await body_json(request)
+        await membership.remove(core, str(body.get("NodeId", "")) if isinstance(body, dict)
+                                else "")
+        return respond({})
+
     app = web.Application(middlewares=[authenticate], client_max_size=64 * 1024)
+    app.router.add_post("/v1/cluster/join-tokens", join_token)
+    app.router.add_post("/v1/cluster/join", join)
+    app.router.add_post("/v1/cluster/remove", remove)
     app.router.add_get("/v1/node/status", status)
+    app.router.add_get("/v1/hsm/capabilities", hsm_capabilities)
     app.router.add_get("/v1/cluster/members", cluster_members)
     app.router.add_get("/v1/principals", list_principals)
     app.router.add_post("/v1/principals", create_principal)

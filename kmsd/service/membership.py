@@ -1,0 +1,108 @@
+"""Growing and shrinking the cluster: join tokens, the join exchange, removal.
+
+A join is authenticated by a one-time, expiring token that the account root
+asked for (only its SHA-256 is replicated). The member that receives the join
+consumes the token through Raft (so it works once, cluster-wide), wraps the
+domain key for the newcomer's HSM transport key, seals the cluster's Raft
+secret under the same transport key, records the newcomer and adds it as a
+voting member through pysyncobj's dynamic membership.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from cluster import commands
+from cluster.raft_node import RaftUnavailable
+from kmsd.errors import KMSInternalException, NotFoundException, ValidationException
+from kmsd.hsm import domain_clone
+from kmsd.service.core import ServiceCore
+
+DEFAULT_TOKEN_TTL_SECONDS = 3600
+_ADDRESS = re.compile(r"^[A-Za-z0-9.-]+:\d{1,5}$")
+_NODE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def create_join_token(core: ServiceCore, ttl_seconds: float) -> tuple[str, float]:
+    token = "kmsd-join-" + secrets.token_urlsafe(32)
+    expires_at = core.clock.now() + ttl_seconds
+    await core.commit(commands.CreateJoinToken(token_hash(token), expires_at))
+    return token, expires_at
+
+
+@dataclass(frozen=True)
+class JoinRequest:
+    token: str
+    node_id: str
+    az: str
+    raft_address: str
+    api_url: str
+    admin_url: str
+    transport_point: bytes | None
+    # A node whose token already holds a domain key says which (its check value).
+    domain_key_check: str | None
+
+    @classmethod
+    def parse(cls, body: Any) -> JoinRequest:
+        try:
+            request = cls(str(body["Token"]), str(body["NodeId"]), str(body.get("Az", "default")),
+                          str(body["RaftAddress"]), str(body["ApiUrl"]), str(body["AdminUrl"]),
+                          bytes.fromhex(body["TransportPoint"]) if body.get("TransportPoint")
+                          else None,
+                          str(body["DomainKeyCheck"]) if body.get("DomainKeyCheck") else None)
+        except (KeyError, TypeError, ValueError):
+            raise ValidationException("A join needs Token, NodeId, RaftAddress, ApiUrl, "
+                                      "AdminUrl and a hex TransportPoint.") from None
+        if not _NODE_ID.match(request.node_id) or not _ADDRESS.match(request.raft_address):
+            raise ValidationException("Invalid node id or Raft address.")
+        return request
+
+
+async def join(core: ServiceCore, raft_secret: str, request: JoinRequest) -> dict[str, Any]:
+    if request.node_id in core.state.nodes:
+        raise ValidationException(f"A member named {request.node_id} exists already.")
+    if request.transport_point is None and request.domain_key_check != \
+            core.state.domain_key_check:
+        raise ValidationException(
+            f"The joining node's HSM holds another domain key (check value "
+            f"{request.domain_key_check}, the cluster's is {core.state.domain_key_check}); "
+            "it cannot join.")
+    await core.commit(commands.ConsumeJoinToken(token_hash(request.token), request.node_id,
+                                                core.clock.now()))
+    response: dict[str, Any] = {
+        "DomainKeyCheck": core.state.domain_key_check,
+        "Peers": sorted({n.raft_address for n in list(core.state.nodes.values())}
+                        | {core.raft.settings.self_address}),
+        "Regions": list(core.regions), "AccountId": core.account_id,
+    }
+    if request.transport_point is not None:
+        point, wrapped, sealed = domain_clone.wrap_domain_key_for(
+            core.hsm, request.transport_point, raft_secret.encode())
+        response.update(DonorPoint=point.hex(), WrappedDomainKey=wrapped.hex(),
+                        SealedSecret=sealed.hex())
+    await core.commit(commands.RegisterNode(request.node_id, request.az, request.raft_address,
+                                            request.api_url, request.admin_url))
+    try:
+        await core.raft.add_member(request.raft_address, timeout=15)
+    except RaftUnavailable as exc:
+        raise KMSInternalException(f"The Raft membership change failed: {exc}") from None
+    return response
+
+
+async def remove(core: ServiceCore, node_id: str) -> None:
+    member = core.state.nodes.get(node_id)
+    if member is None:
+        raise NotFoundException(f"No member named {node_id}.")
+    try:
+        await core.raft.remove_member(member.raft_address, timeout=15)
+    except RaftUnavailable as exc:
+        raise KMSInternalException(f"The Raft membership change failed: {exc}") from None
+    await core.commit(commands.DeregisterNode(node_id))
