@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kmsd.service import aliases, crypto, grants, keys, rotation, tags
+from kmsd.service import aliases, asymmetric, crypto, data_key_pairs, grants, keys, rotation, tags
 from kmsd.service.context import RequestContext
 from kmsd.service.core import ServiceCore
 
@@ -47,6 +47,14 @@ OPERATIONS: dict[str, Handler] = {
     "GenerateDataKey": crypto.generate_data_key,
     "GenerateDataKeyWithoutPlaintext": crypto.generate_data_key_without_plaintext,
     "GenerateRandom": crypto.generate_random,
+    "GenerateDataKeyPair": data_key_pairs.generate_data_key_pair,
+    "GenerateDataKeyPairWithoutPlaintext": data_key_pairs.generate_data_key_pair_without_plaintext,
+    "GetPublicKey": asymmetric.get_public_key,
+    "Sign": asymmetric.sign,
+    "Verify": asymmetric.verify,
+    "GenerateMac": asymmetric.generate_mac,
+    "VerifyMac": asymmetric.verify_mac,
+    "DeriveSharedSecret": asymmetric.derive_shared_secret,
     "CreateAlias": aliases.create_alias,
     "UpdateAlias": aliases.update_alias,
     "DeleteAlias": aliases.delete_alias,

@@ -1,5 +1,8 @@
 """Symmetric cryptographic operations: Encrypt, Decrypt, GenerateDataKey*, GenerateRandom.
 
+Encrypt, Decrypt and ReEncrypt also take RSA keys (RSAES_OAEP_*): those branches are
+kmsd.service.rsa_encryption's.
+
 Plaintext passes through here only on its way between the caller and the HSM;
 it is never logged, stored or put into an error message. Every failure to
 authenticate a ciphertext is one InvalidCiphertextException, whatever the cause.
@@ -21,8 +24,10 @@ from kmsd.errors import (
     ValidationException,
 )
 from kmsd.hsm.partition import HsmAuthenticationFailed
+from kmsd.service import rsa_encryption
 from kmsd.service.context import RequestContext
 from kmsd.service.core import ServiceCore
+from kmsd.service.key_specs import ENCRYPT_DECRYPT, require_usage, wrong_key_spec
 from kmsd.service.rotation import key_material_id
 
 SYMMETRIC_DEFAULT = "SYMMETRIC_DEFAULT"
@@ -30,13 +35,28 @@ DRY_RUN_MESSAGE = "The request would have succeeded, but the DryRun option is se
 _DATA_KEY_BYTES = {"AES_256": 32, "AES_128": 16}
 
 
-def _require_symmetric(record: KeyRecord, algorithm: str | None) -> None:
-    if record.key_usage != "ENCRYPT_DECRYPT" or record.key_spec != SYMMETRIC_DEFAULT:
-        raise InvalidKeyUsageException(
-            f"{record.arn} key usage is {record.key_usage} which is not valid for this operation.")
+def _require_symmetric(record: KeyRecord, algorithm: str | None, operation: str) -> None:
+    require_usage(record, ENCRYPT_DECRYPT, operation)
+    if record.key_spec != SYMMETRIC_DEFAULT:
+        raise wrong_key_spec(record.arn, record.key_spec, operation)
+    _require_symmetric_algorithm(record, algorithm)
+
+
+def _require_symmetric_algorithm(record: KeyRecord, algorithm: str | None) -> None:
     if algorithm not in (None, SYMMETRIC_DEFAULT):
         raise InvalidKeyUsageException(
             f"The encryption algorithm {algorithm} is not supported by {record.arn}.")
+
+
+def _require_encryption_key(record: KeyRecord, algorithm: str | None,
+                            context: dict[str, str] | None, operation: str) -> str:
+    """Encrypt and ReEncrypt's destination: a symmetric or an RSA ENCRYPT_DECRYPT key.
+    Returns the encryption algorithm the operation uses."""
+    require_usage(record, ENCRYPT_DECRYPT, operation)
+    if record.key_spec == SYMMETRIC_DEFAULT:
+        _require_symmetric_algorithm(record, algorithm)
+        return SYMMETRIC_DEFAULT
+    return rsa_encryption.check_key(record, algorithm, context, operation)
 
 
 def _seal(core: ServiceCore, record: KeyRecord, plaintext: bytes,
@@ -58,17 +78,25 @@ def _dry_run(params: dict[str, Any]) -> None:
 async def _usable_symmetric_key(core: ServiceCore, ctx: RequestContext, operation: str,
                                 params: dict[str, Any]) -> KeyRecord:
     record = await core.authorized_key(ctx, operation, params)
-    _require_symmetric(record, params.get("EncryptionAlgorithm"))
+    _require_symmetric(record, params.get("EncryptionAlgorithm"), operation)
     core.require_usable(record)
     return record
 
 
 async def encrypt(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
-    record = await _usable_symmetric_key(core, ctx, "Encrypt", params)
+    record = await core.authorized_key(ctx, "Encrypt", params)
+    context = params.get("EncryptionContext")
+    algorithm = _require_encryption_key(record, params.get("EncryptionAlgorithm"), context,
+                                        "Encrypt")
+    core.require_usable(record)
+    if algorithm != SYMMETRIC_DEFAULT:
+        rsa_encryption.check_plaintext(record, algorithm, params["Plaintext"])
     _dry_run(params)
-    blob = _seal(core, record, params["Plaintext"], params.get("EncryptionContext"))
-    return {"CiphertextBlob": blob, "KeyId": record.arn,
-            "EncryptionAlgorithm": SYMMETRIC_DEFAULT}
+    if algorithm == SYMMETRIC_DEFAULT:
+        blob = _seal(core, record, params["Plaintext"], context)
+    else:
+        blob = rsa_encryption.encrypt(record, algorithm, params["Plaintext"])
+    return {"CiphertextBlob": blob, "KeyId": record.arn, "EncryptionAlgorithm": algorithm}
 
 
 def _require_blob(params: dict[str, Any]) -> bytes:
@@ -100,7 +128,8 @@ async def _unseal(core: ServiceCore, ctx: RequestContext, operation: str,
                 "The key ID in the request does not identify a CMK that can perform this "
                 "operation.")
     await core.authorize(ctx, operation, record, params)
-    _require_symmetric(record, algorithm)
+    _require_symmetric(record, algorithm, "ReEncrypt" if operation.startswith("ReEncrypt")
+                       else operation)
     core.require_usable(record)
     backing = record.backing_key(blob.backing_version)
     if backing is None:
@@ -117,6 +146,13 @@ async def _unseal(core: ServiceCore, ctx: RequestContext, operation: str,
 
 
 async def decrypt(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
+    algorithm = params.get("EncryptionAlgorithm")
+    if rsa_encryption.is_rsa_algorithm(algorithm):
+        record, plaintext = await rsa_encryption.decrypt(
+            core, ctx, params, _require_blob(params), params.get("KeyId"), algorithm,
+            params.get("EncryptionContext"), "Decrypt", "Decrypt")
+        _dry_run(params)
+        return {"KeyId": record.arn, "Plaintext": plaintext, "EncryptionAlgorithm": algorithm}
     record, backing, plaintext = await _unseal(
         core, ctx, "Decrypt", params, params.get("EncryptionContext"), params.get("KeyId"),
         params.get("EncryptionAlgorithm"), params.get("DryRun", False))
@@ -125,23 +161,38 @@ async def decrypt(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]
 
 
 async def re_encrypt(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
-    source, source_backing, plaintext = await _unseal(
-        core, ctx, "ReEncryptFrom", params, params.get("SourceEncryptionContext"),
-        params.get("SourceKeyId"), params.get("SourceEncryptionAlgorithm"))
+    source_algorithm = params.get("SourceEncryptionAlgorithm")
+    response: dict[str, Any] = {}
+    if rsa_encryption.is_rsa_algorithm(source_algorithm):
+        source, plaintext = await rsa_encryption.decrypt(
+            core, ctx, params, _require_blob(params), params.get("SourceKeyId"),
+            source_algorithm, params.get("SourceEncryptionContext"), "ReEncryptFrom",
+            "ReEncrypt")
+    else:
+        source, source_backing, plaintext = await _unseal(
+            core, ctx, "ReEncryptFrom", params, params.get("SourceEncryptionContext"),
+            params.get("SourceKeyId"), source_algorithm)
+        source_algorithm = SYMMETRIC_DEFAULT
+        response["SourceKeyMaterialId"] = key_material_id(source_backing.wrapped)
     destination = await core.authorized_key(ctx, "ReEncryptTo", params,
                                             params["DestinationKeyId"])
-    _require_symmetric(destination, params.get("DestinationEncryptionAlgorithm"))
+    context = params.get("DestinationEncryptionContext")
+    algorithm = _require_encryption_key(
+        destination, params.get("DestinationEncryptionAlgorithm"), context, "ReEncrypt")
     core.require_usable(destination)
+    if algorithm != SYMMETRIC_DEFAULT:
+        rsa_encryption.check_plaintext(destination, algorithm, plaintext)
     if params.get("DryRun"):
         raise DryRunOperationException(DRY_RUN_MESSAGE)
-    blob = _seal(core, destination, plaintext, params.get("DestinationEncryptionContext"))
-    return {
-        "CiphertextBlob": blob, "SourceKeyId": source.arn, "KeyId": destination.arn,
-        "SourceEncryptionAlgorithm": SYMMETRIC_DEFAULT,
-        "DestinationEncryptionAlgorithm": SYMMETRIC_DEFAULT,
-        "SourceKeyMaterialId": key_material_id(source_backing.wrapped),
-        "DestinationKeyMaterialId": key_material_id(destination.current_backing_key.wrapped),
-    }
+    if algorithm == SYMMETRIC_DEFAULT:
+        blob = _seal(core, destination, plaintext, context)
+        response["DestinationKeyMaterialId"] = key_material_id(
+            destination.current_backing_key.wrapped)
+    else:
+        blob = rsa_encryption.encrypt(destination, algorithm, plaintext)
+    return {"CiphertextBlob": blob, "SourceKeyId": source.arn, "KeyId": destination.arn,
+            "SourceEncryptionAlgorithm": source_algorithm,
+            "DestinationEncryptionAlgorithm": algorithm, **response}
 
 
 def _data_key_length(params: dict[str, Any]) -> int:

@@ -1,7 +1,9 @@
 """Key lifecycle: CreateKey, DescribeKey, ListKeys, EnableKey, DisableKey.
 
 A new key's backing key is generated inside this node's HSM and enters the
-Raft log only wrapped under the domain key.
+Raft log only wrapped under the domain key. So is the private (or HMAC secret)
+part of an asymmetric or HMAC key (kmsd.service.asymmetric); its public key is
+stored in the clear.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from cluster import commands
 from cluster.state import KEY_STATE_ENABLED, KEY_STATE_PENDING_DELETION, SECONDS_PER_DAY, KeyRecord
 from kmsd.auth.policy import PolicyKind, lockout_safety_check, parse_policy
 from kmsd.errors import NotFoundException, UnsupportedOperationException, ValidationException
+from kmsd.service import asymmetric
 from kmsd.service.context import RequestContext
 from kmsd.service.core import ServiceCore
+from kmsd.service.key_specs import SYMMETRIC_DEFAULT, algorithm_lists, key_usage_for
 from kmsd.service.pagination import page_response, paginate
 from kmsd.service.rotation import key_material_id
 from kmsd.service.tags import checked_tags
@@ -25,8 +29,6 @@ POLICY_NAME = "default"
 DEFAULT_PENDING_WINDOW_DAYS = 30
 MIN_PENDING_WINDOW_DAYS = 7
 MAX_PENDING_WINDOW_DAYS = 30
-
-SUPPORTED_KEY_SPECS = {"SYMMETRIC_DEFAULT"}
 
 
 def default_key_policy(account_id: str) -> str:
@@ -58,10 +60,12 @@ def key_metadata(record: KeyRecord) -> dict[str, Any]:
         "KeyManager": "CUSTOMER",
         "CustomerMasterKeySpec": record.key_spec,
         "KeySpec": record.key_spec,
-        "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"],
+        **algorithm_lists(record.key_spec, record.key_usage),
         "MultiRegion": False,
-        "CurrentKeyMaterialId": key_material_id(record.current_backing_key.wrapped),
     }
+    if record.key_spec == SYMMETRIC_DEFAULT:
+        # AWS: present for symmetric encryption keys only.
+        metadata["CurrentKeyMaterialId"] = key_material_id(record.current_backing_key.wrapped)
     if record.key_state == KEY_STATE_PENDING_DELETION:
         metadata["DeletionDate"] = record.deletion_date
         metadata["PendingDeletionWindowInDays"] = record.pending_window_days
@@ -69,11 +73,8 @@ def key_metadata(record: KeyRecord) -> dict[str, Any]:
 
 
 async def create_key(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
-    key_spec = params.get("KeySpec") or params.get("CustomerMasterKeySpec") or "SYMMETRIC_DEFAULT"
-    key_usage = params.get("KeyUsage") or "ENCRYPT_DECRYPT"
-    if key_spec not in SUPPORTED_KEY_SPECS or key_usage != "ENCRYPT_DECRYPT":
-        raise UnsupportedOperationException(
-            f"kmsd does not support KeySpec {key_spec} with KeyUsage {key_usage} yet.")
+    key_spec = params.get("KeySpec") or params.get("CustomerMasterKeySpec") or SYMMETRIC_DEFAULT
+    key_usage = key_usage_for(key_spec, params.get("KeyUsage"))
     if params.get("Origin", "AWS_KMS") != "AWS_KMS":
         raise UnsupportedOperationException(
             f"kmsd does not support Origin {params['Origin']} yet.")
@@ -81,9 +82,19 @@ async def create_key(core: ServiceCore, ctx: RequestContext, params: dict[str, A
         raise UnsupportedOperationException("kmsd has no custom key stores yet.")
     if params.get("MultiRegion"):
         raise UnsupportedOperationException("kmsd does not support multi-Region keys.")
+    if key_spec != SYMMETRIC_DEFAULT:
+        asymmetric.require_creatable(core, key_spec)
     await core.authorize(ctx, "CreateKey", None, params)
     policy = params.get("Policy") or default_key_policy(core.account_id)
     _check_key_policy(core, ctx, policy, None, params)
+    tags = checked_tags(params.get("Tags", []))
+    public_key = None
+    if key_spec == SYMMETRIC_DEFAULT:
+        wrapped = core.hsm.generate_wrapped_aes_key()
+    else:
+        # In the HSM helper process for RSA (seconds); inline for EC and HMAC.
+        generated = await asymmetric.generate_key(core, key_spec)
+        wrapped, public_key = generated.wrapped_private, generated.public_key_der
     command = commands.CreateKey(
         key_id=str(uuid.uuid4()),
         region=ctx.region,
@@ -93,9 +104,10 @@ async def create_key(core: ServiceCore, ctx: RequestContext, params: dict[str, A
         key_spec=key_spec,
         origin="AWS_KMS",
         policy=policy,
-        tags=checked_tags(params.get("Tags", [])),
-        wrapped_backing_key=core.hsm.generate_wrapped_aes_key(),
+        tags=tags,
+        wrapped_backing_key=wrapped,
         at=core.clock.now(),
+        public_key=public_key,
     )
     record = await core.commit(command)
     return {"KeyMetadata": key_metadata(record)}

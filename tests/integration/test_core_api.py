@@ -216,7 +216,7 @@ def test_validation_errors_follow_the_model(cluster: Cluster) -> None:
 
 def test_unsupported_operations_say_so(cluster: Cluster) -> None:
     with pytest.raises(ClientError) as excinfo:
-        cluster.client(0).create_key(KeySpec="RSA_2048", KeyUsage="SIGN_VERIFY")
+        cluster.client(0).create_key(KeySpec="ECC_NIST_EDWARDS25519", KeyUsage="SIGN_VERIFY")
     assert error_code(excinfo) == "UnsupportedOperationException"
 
 
