@@ -81,21 +81,37 @@ def cluster_status(client: AdminClient) -> dict[str, Any]:
             "reachable": status is not None,
             "role": raft.get("role", "unreachable"), "term": raft.get("term"),
             "commit_index": raft.get("commit_index"), "applied_index": raft.get("applied_index"),
+            "lag": (max(0, (raft.get("leader_commit_index") or 0)
+                        - (raft.get("applied_index") or 0)) if raft else None),
+            "last_contact": "now" if status is not None else "unreachable",
             "ready": (status or {}).get("ready"),
             "token_label": (status or {}).get("hsm", {}).get("token_label"),
             "domain_key_check": (status or {}).get("hsm", {}).get("domain_key_check"),
         })
-    return {"members": nodes}
+    return {"members": nodes, "warnings": az_warnings(nodes)}
+
+
+def az_warnings(nodes: list[dict[str, Any]]) -> list[str]:
+    """A majority of voters in one AZ means losing that AZ loses the cluster."""
+    by_az: dict[str, list[str]] = {}
+    for node in nodes:
+        by_az.setdefault(node["az"], []).append(node["node_id"])
+    majority = len(nodes) // 2 + 1
+    return [f"AZ {az} holds {len(ids)} of {len(nodes)} voters ({', '.join(ids)}): a majority; "
+            "losing that AZ stops the cluster" for az, ids in sorted(by_az.items())
+            if len(nodes) > 1 and len(ids) >= majority]
 
 
 def _print_status(status: dict[str, Any]) -> None:
-    columns = ("node_id", "az", "role", "term", "commit_index", "applied_index", "ready",
-               "domain_key_check")
+    columns = ("node_id", "az", "role", "term", "commit_index", "applied_index", "lag",
+               "ready", "token_label", "domain_key_check", "last_contact")
     rows = [[str(node.get(c)) for c in columns] for node in status["members"]]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    for warning in status["warnings"]:
+        print(f"WARNING: {warning}")
 
 
 def main(argv: list[str] | None = None) -> int:
