@@ -283,6 +283,14 @@ class DeregisterNode(Command):
 
 
 @dataclass(frozen=True)
+class RestoreSnapshot(Command):
+    """Load keys, aliases, grants, principals and access keys from a saved state snapshot
+    into a cluster that has no keys yet (disaster recovery); key material stays wrapped."""
+
+    snapshot: bytes
+
+
+@dataclass(frozen=True)
 class Barrier(Command):
     """Changes nothing; its commit proves this node has applied the log up to it."""
 

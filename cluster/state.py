@@ -253,6 +253,29 @@ class KmsState:
         self.nodes[cmd.node_id] = NodeRecord(cmd.node_id, cmd.az, cmd.raft_address,
                                              cmd.api_url, cmd.admin_url)
 
+    def _apply_RestoreSnapshot(self, cmd: c.RestoreSnapshot) -> int:
+        if self.keys:
+            raise _Refuse("ConflictException", "A snapshot is only restored into a cluster "
+                                               "that has no keys.")
+        saved = KmsState()
+        try:
+            saved.restore_snapshot(cmd.snapshot)
+        except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+            raise _Refuse("ValidationException", "Not a kmsd state snapshot.") from None
+        if saved.domain_key_check != self.domain_key_check:
+            raise _Refuse("ValidationException",
+                          "The snapshot's key material is wrapped under another domain key "
+                          f"({saved.domain_key_check}); this cluster's is "
+                          f"{self.domain_key_check}.")
+        # This cluster keeps its own members, audit chain and credentials made so far.
+        self.keys = dict(saved.keys)
+        self.aliases = dict(saved.aliases)
+        self.grants = dict(saved.grants)
+        self.key_usage = dict(saved.key_usage)
+        self.principals = {**saved.principals, **self.principals}
+        self.access_keys = {**saved.access_keys, **self.access_keys}
+        return len(self.keys)
+
     def _apply_CreateJoinToken(self, cmd: c.CreateJoinToken) -> None:
         self.join_tokens[cmd.token_hash] = (cmd.expires_at, "")
 

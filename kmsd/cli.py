@@ -74,6 +74,30 @@ def _cmd_join(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_restore(args: argparse.Namespace) -> int:
+    """Stage a saved state snapshot: the node loads it through Raft when it next serves."""
+    import msgpack
+
+    from kmsd.node import RESTORE_FILE
+
+    cfg = config_module.load(args.config)
+    with open(args.file, "rb") as handle:
+        data = handle.read()
+    try:
+        raw = msgpack.unpackb(data)
+        keys = len(raw["keys"])
+    except (ValueError, KeyError, TypeError):
+        print(f"kmsd: {args.file} is not a kmsd state snapshot", file=sys.stderr)
+        return 2
+    os.makedirs(cfg.data_dir, exist_ok=True)
+    target = os.path.join(cfg.data_dir, RESTORE_FILE)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    print(json.dumps({"staged": target, "keys": keys}))
+    return 0
+
+
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     """Offline: verify a directory of audit segments (a node's, or a copy of one)."""
     import dataclasses
@@ -146,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--via", required=True, help="a member's admin endpoint")
     join.add_argument("--ca-bundle", default=None, help="CA to verify the member's HTTPS")
     join.set_defaults(func=_cmd_join)
+
+    restore = sub.add_parser("restore", help="stage a snapshot from kmsctl snapshot save; the "
+                                             "node loads it when it serves (empty cluster)")
+    restore.add_argument("file")
+    restore.add_argument("--config", required=True)
+    restore.set_defaults(func=_cmd_restore)
 
     dev = sub.add_parser("dev", help="run a local cluster with SoftHSM2 tokens")
     dev.add_argument("--nodes", type=int, default=3)

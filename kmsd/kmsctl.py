@@ -124,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     cluster.add_parser("status", help="members, AZ, role, term, commit index")
     token = cluster.add_parser("join-token", help="a one-time token for kmsd join")
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    snapshot = sub.add_parser("snapshot", help="state backups").add_subparsers(
+        dest="action", required=True)
+    save = snapshot.add_parser("save", help="write the replicated state (key material "
+                                            "stays wrapped) to FILE")
+    save.add_argument("file")
     remove = cluster.add_parser("remove", help="remove a member from the cluster")
     remove.add_argument("node_id")
 
@@ -180,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     client = _client(args)
     if args.group == "audit":
         return _audit(client, args)
+    if args.group == "snapshot":
+        with client.open("GET", "/v1/snapshot") as response:
+            data = response.read()
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        print(json.dumps({"file": args.file, "bytes": len(data)}))
+        return 0
     if args.group == "hsm":
         return _hsm_capabilities(client, args)
     result = _run(client, args)

@@ -53,6 +53,7 @@ AUDIT_DIGEST_INTERVAL_SECONDS = 300.0
 
 
 PEERS_FILE = "raft-peers.json"
+RESTORE_FILE = "restore-snapshot.msgpack"
 
 
 def membership_peers(config: NodeConfig) -> tuple[str, ...]:
@@ -161,12 +162,26 @@ class Node:
                                 existing.admin_url) != (member.az, member.raft_address,
                                                         member.api_url, member.admin_url):
             await self.raft.submit(member)
+        await self._restore_pending_snapshot()
         await self._bootstrap_credentials()
         await self.digest_signer.ensure_key()
         self._not_ready = None
-        # systemd Type=notify: the unit is "started" once the node serves.
-        sd_notify.ready(f"serving as {self.config.node_id}")
+        sd_notify.status(f"serving as {self.config.node_id}")
         log.info("node_ready", domain_key_check=self.domain_key_check)
+
+    async def _restore_pending_snapshot(self) -> None:
+        """`kmsd restore` left a state snapshot in the data dir: load it through Raft."""
+        path = os.path.join(self.config.data_dir, RESTORE_FILE)
+        if not os.path.exists(path):
+            return
+        with open(path, "rb") as handle:
+            snapshot = handle.read()
+        result = await self.raft.submit(commands.RestoreSnapshot(snapshot))
+        if isinstance(result, Rejected):
+            log.error("restore_refused", reason=result.message)
+        else:
+            log.info("state_restored", keys=result.value)
+        os.replace(path, path + ".done")
 
     async def _bootstrap_credentials(self) -> None:
         await principals.ensure_root(self.core)
@@ -249,6 +264,9 @@ class Node:
                        asyncio.create_task(KeyScheduler(
                            self.core, self.config.scheduler_interval_seconds).run()),
                        asyncio.create_task(self.digest_signer.run())]
+        # systemd Type=notify: "started" once listening. Serving needs a quorum, which may be
+        # minutes away after an outage; a start timeout must not kill the node meanwhile.
+        sd_notify.ready("waiting for a leader")
         log.info("node_started", api=self.config.api_listen, admin=self.config.admin_listen,
                  raft=self.config.raft_address)
 

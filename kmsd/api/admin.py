@@ -148,7 +148,13 @@ def make_admin_app(authenticator: Authenticator, core: ServiceCore,
                                 else "")
         return respond({})
 
+    async def snapshot(request: web.Request) -> web.Response:
+        root_only(request)
+        # The whole replicated state: key material appears in it only wrapped.
+        return web.Response(body=core.state.to_snapshot(), content_type="application/msgpack")
+
     app = web.Application(middlewares=[authenticate], client_max_size=64 * 1024)
+    app.router.add_get("/v1/snapshot", snapshot)
     app.router.add_post("/v1/cluster/join-tokens", join_token)
     app.router.add_post("/v1/cluster/join", join)
     app.router.add_post("/v1/cluster/remove", remove)

@@ -141,6 +141,30 @@ def test_the_dev_cluster_config_parses(tmp_path):
     assert cfg.clock_offset_file == node.clock_offset_path
 
 
+def test_tls_makes_the_default_urls_https(tmp_path):
+    text = MINIMAL.replace('admin_listen = "127.0.0.1:7800"\n',
+                           'admin_listen = "127.0.0.1:7800"\n'
+                           'tls_certificate = "/etc/kmsd/tls.pem"\n'
+                           'tls_key = "/run/credentials/kmsd@node-1.service/tls-key"\n')
+    cfg = config.load(_write(tmp_path, text))
+    assert cfg.tls_certificate == "/etc/kmsd/tls.pem"
+    assert cfg.tls_key == "/run/credentials/kmsd@node-1.service/tls-key"
+    assert cfg.public_url == "https://127.0.0.1:7700"
+    assert cfg.admin_url == "https://127.0.0.1:7800"
+    plain = config.load(_write(tmp_path, MINIMAL, "plain.toml"))
+    assert plain.tls_certificate is None and plain.tls_key is None
+
+
+@pytest.mark.parametrize("line", ['tls_certificate = "/etc/kmsd/tls.pem"',
+                                  'tls_key = "/etc/kmsd/tls-key.pem"'])
+def test_tls_certificate_and_key_go_together(tmp_path, line):
+    text = MINIMAL.replace('admin_listen = "127.0.0.1:7800"\n',
+                           f'admin_listen = "127.0.0.1:7800"\n{line}\n')
+    with pytest.raises(ConfigError) as caught:
+        config.load(_write(tmp_path, text))
+    assert str(caught.value) == "api.tls_certificate and api.tls_key go together"
+
+
 # -- the three secret sources -------------------------------------------------
 
 
