@@ -41,7 +41,8 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         nodes=args.nodes, data_dir=args.data_dir, base_port=args.port,
         account_id=args.account_id, regions=regions, access_key_id=args.access_key_id,
         secret_access_key=args.secret_access_key, scheduler_interval=args.scheduler_interval,
-        test_clock=args.test_clock, tls=args.tls))
+        test_clock=args.test_clock, tls=args.tls,
+        compaction_min_entries=args.compaction_entries))
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--secret-access-key", default=None)
     dev.add_argument("--scheduler-interval", type=float, default=1.0,
                      help="seconds between the leader's deletion/rotation checks")
+    dev.add_argument("--compaction-entries", type=int, default=2000,
+                     help="snapshot the state and compact the Raft journal every N entries")
     dev.add_argument("--tls", action="store_true",
                      help="HTTPS on every port with a private CA (its path: ca_bundle)")
     dev.add_argument("--test-clock", action="store_true",

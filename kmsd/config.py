@@ -149,6 +149,9 @@ class NodeConfig:
     pin: SecretSource
     softhsm2_conf: str | None
     scheduler_interval_seconds: float = 10.0
+    # Log compaction: snapshot once the journal holds this many entries (or this old).
+    compaction_min_entries: int = 2000
+    compaction_min_seconds: float = 60.0
     # Test-only: a file holding seconds to add to the proposer clock.
     clock_offset_file: str | None = None
     tls_certificate: str | None = None
@@ -210,6 +213,8 @@ def parse(raw: dict) -> NodeConfig:
         pin=_secret_source(hsm, "hsm", "pin"),
         softhsm2_conf=hsm.get("softhsm2_conf"),
         scheduler_interval_seconds=float(node.get("scheduler_interval_seconds", 10.0)),
+        compaction_min_entries=int(raft.get("compaction_min_entries", 2000)),
+        compaction_min_seconds=float(raft.get("compaction_min_seconds", 60.0)),
         clock_offset_file=raw.get("testing", {}).get("clock_offset_file"),
         tls_certificate=api.get("tls_certificate"),
         tls_key=api.get("tls_key"),

@@ -80,7 +80,9 @@ class Node:
         self.raft = RaftNode(RaftSettings(
             self_address=config.raft_address, peer_addresses=membership_peers(config),
             data_dir=os.path.join(config.data_dir, "raft"),
-            password=self._raft_password), self.state,
+            password=self._raft_password,
+            compaction_min_entries=config.compaction_min_entries,
+            compaction_min_seconds=config.compaction_min_seconds), self.state,
             self._on_applied)
         self.core = ServiceCore(self.state, self.raft, self.hsm, self.clock,
                                 config.account_id, config.regions)

@@ -54,6 +54,7 @@ class DevClusterOptions:
     test_clock: bool = False
     # HTTPS on every port, with certificates from a private CA made in the data dir.
     tls: bool = False
+    compaction_min_entries: int = 2000
 
 
 @dataclass
@@ -149,6 +150,7 @@ admin_listen = "127.0.0.1:{node.admin_port}"
 address = "{node.raft_address}"
 peers = {_toml_list(other)}
 password_file = "{os.path.join(node.root, 'raft.secret')}"
+compaction_min_entries = {options.compaction_min_entries}
 
 [cluster]
 regions = {_toml_list(list(options.regions))}

@@ -78,3 +78,27 @@ def test_a_follower_wiped_of_its_data_dir_rejoins_and_catches_up(own_cluster: Cl
         wait_for(lambda k=key_id: cluster.client(follower).describe_key(KeyId=k), 30,
                  what="the wiped follower to catch up")
     cluster.client(follower).create_key()
+
+
+def test_the_journal_stays_bounded_under_steady_traffic(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    cluster = start_cluster(str(tmp_path_factory.mktemp("bounded")),
+                            extra_args=("--compaction-entries", "100"))
+    try:
+        key = cluster.client(0).create_key()["KeyMetadata"]["KeyId"]
+        journal = os.path.join(cluster.data_dir, "node-2", "data", "raft", "raft.journal")
+        sizes = []
+        for round_ in range(4):
+            for node in range(cluster.size):
+                client = cluster.client(node)
+                for _ in range(60):
+                    client.generate_data_key(KeyId=key, KeySpec="AES_256")
+            sizes.append(os.path.getsize(journal))
+            log_length = cluster.node_status(1)["raft"]["log_length"]
+            assert log_length <= 400, f"round {round_}: {log_length} entries in the log"
+        # 720 audited requests went through; the journal was compacted, not grown with them.
+        assert os.path.exists(os.path.join(cluster.data_dir, "node-2", "data", "raft",
+                                           "raft.snapshot"))
+        assert sizes[-1] <= 2 * max(sizes[:2]), sizes
+    finally:
+        cluster.stop()
