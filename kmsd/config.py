@@ -14,6 +14,7 @@ Example:
     public_url = "http://127.0.0.1:7700"   # optional; how peers and clients reach this node
     tls_certificate = "/etc/kmsd/tls.pem"  # optional: serve HTTPS on both ports
     tls_key = "/etc/kmsd/tls-key.pem"
+    tls_ca = "/etc/kmsd/ca.pem"            # optional: the CA of the members' certificates
 
     [raft]
     address = "127.0.0.1:7900"
@@ -156,6 +157,8 @@ class NodeConfig:
     clock_offset_file: str | None = None
     tls_certificate: str | None = None
     tls_key: str | None = None
+    # The CA that signed the members' certificates (node-to-node calls verify with it).
+    tls_ca: str | None = None
 
     @property
     def default_region(self) -> str:
@@ -218,4 +221,5 @@ def parse(raw: dict) -> NodeConfig:
         clock_offset_file=raw.get("testing", {}).get("clock_offset_file"),
         tls_certificate=api.get("tls_certificate"),
         tls_key=api.get("tls_key"),
+        tls_ca=api.get("tls_ca"),
     )

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import time
 from typing import Any
 
@@ -28,6 +29,7 @@ from kmsd import bootstrap, sd_notify
 from kmsd.api.admin import make_admin_app
 from kmsd.api.protocol import Authenticator, KmsProtocol
 from kmsd.api.validation import RequestValidator
+from kmsd.audit.backfill import Backfiller
 from kmsd.audit.committer import AuditCommitter
 from kmsd.audit.digest_signer import DigestSigner
 from kmsd.audit.sink import SegmentSink
@@ -197,6 +199,16 @@ class Node:
             log.info("bootstrap_access_key_added", access_key_id=sealed.access_key_id)
         bootstrap.done(self.config.data_dir)
 
+    def _peer_admin_urls(self) -> list[str]:
+        return [n.admin_url for n in list(self.state.nodes.values())
+                if n.node_id != self.config.node_id]
+
+    def _peer_ssl_context(self) -> ssl.SSLContext | None:
+        if not self.config.tls_certificate:
+            return None
+        # Members present certificates from the cluster's CA (api.tls_ca), else public ones.
+        return ssl.create_default_context(cafile=self.config.tls_ca)
+
     # -- status --------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -265,7 +277,10 @@ class Node:
         self._tasks = [asyncio.create_task(self._bootstrap()),
                        asyncio.create_task(KeyScheduler(
                            self.core, self.config.scheduler_interval_seconds).run()),
-                       asyncio.create_task(self.digest_signer.run())]
+                       asyncio.create_task(self.digest_signer.run()),
+                       asyncio.create_task(Backfiller(
+                           self.audit_sink, self.config.node_id, self._raft_password,
+                           self._peer_admin_urls, self._peer_ssl_context()).run())]
         # systemd Type=notify: "started" once listening. Serving needs a quorum, which may be
         # minutes away after an outage; a start timeout must not kill the node meanwhile.
         sd_notify.ready("waiting for a leader")

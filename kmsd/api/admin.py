@@ -29,9 +29,15 @@ from aiohttp import web
 
 from kmsd.api.admin_audit import add_audit_routes
 from kmsd.api.protocol import Authenticator, error_response, json_response
+from kmsd.audit.backfill import PEER_HEADER, peer_key, verify_peer_request
 from kmsd.audit.digest_signer import DigestSigner
 from kmsd.audit.sink import SegmentSink
-from kmsd.errors import KmsError, SerializationException, ValidationException
+from kmsd.errors import (
+    AccessDeniedException,
+    KmsError,
+    SerializationException,
+    ValidationException,
+)
 from kmsd.service import membership, principals
 from kmsd.service.asymmetric_hsm import capabilities_report
 from kmsd.service.context import Caller
@@ -44,6 +50,8 @@ _CALLER = web.AppKey("caller", Caller)
 def make_admin_app(authenticator: Authenticator, core: ServiceCore,
                    node_status: StatusSource, audit_sink: SegmentSink,
                    digest_signer: DigestSigner, raft_secret: str) -> web.Application:
+    peer_key_bytes = peer_key(raft_secret)
+
     @web.middleware
     async def authenticate(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -52,6 +60,12 @@ def make_admin_app(authenticator: Authenticator, core: ServiceCore,
         try:
             if request.path == "/v1/cluster/join":
                 # The joining node has no credentials: its one-time join token authenticates.
+                return await handler(request)
+            if request.path.startswith("/v1/internal/"):
+                # Member to member: an HMAC under a key only holders of the Raft secret have.
+                if not verify_peer_request(peer_key_bytes, request.headers.get(PEER_HEADER, ""),
+                                           request.method, request.path_qs):
+                    raise AccessDeniedException("Peer authentication failed.")
                 return await handler(request)
             caller, _region = authenticator.authenticate(request, await request.read())
             request[_CALLER] = caller

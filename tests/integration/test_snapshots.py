@@ -102,3 +102,37 @@ def test_the_journal_stays_bounded_under_steady_traffic(
         assert sizes[-1] <= 2 * max(sizes[:2]), sizes
     finally:
         cluster.stop()
+
+
+def test_a_wiped_node_fetches_the_audit_records_it_missed_from_a_peer(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    cluster = start_cluster(str(tmp_path_factory.mktemp("backfill")),
+                            extra_args=("--compaction-entries", "60"))
+    try:
+        key = cluster.client(0).create_key()["KeyMetadata"]["KeyId"]
+        leader = wait_for(lambda: cluster.leader(), 20, what="a leader")
+        follower = next(n for n in range(cluster.size) if n != leader)
+        cluster.kill(follower)
+        _wipe_node_state(os.path.dirname(cluster.info["configs"][follower]))
+        # Enough traffic that the leader compacts its log: the wiped node gets a snapshot.
+        for _ in range(150):
+            cluster.client(leader).generate_data_key(KeyId=key, KeySpec="AES_256")
+        cluster.restart(follower)
+        cluster.client(follower).generate_data_key(KeyId=key, KeySpec="AES_256")
+
+        def verified() -> dict | None:
+            report = cluster.admin(follower, "GET", "/v1/audit/verify")
+            return report if report["ok"] and report["segment_gap"] is None else None
+
+        report = wait_for(verified, 60, interval=0.5, what="the backfilled audit chain")
+        assert report["records"] == report["expected_head"]["seq"] > 150
+        other = cluster.admin(leader, "GET", "/v1/audit/verify")
+        assert other["ok"] is True
+        # A peer route refuses callers without the cluster secret, even with credentials.
+        import urllib.error
+
+        with pytest.raises(urllib.error.HTTPError) as excinfo:
+            cluster.admin(leader, "GET", "/v1/internal/audit/records?after=0&limit=1")
+        assert excinfo.value.code == 400
+    finally:
+        cluster.stop()
