@@ -164,12 +164,27 @@ class RaftNode:
         except TimeoutError as exc:
             raise RaftUnavailable("membership change timed out") from exc
 
+    async def _membership_retrying(self, change: str, address: str,
+                                   timeout: float | None) -> None:
+        # The leader denies a change while the previous one is uncommitted, or before its
+        # own first entry of the term applies: both pass within moments.
+        deadline = asyncio.get_running_loop().time() + (timeout or self.settings.commit_timeout)
+        while True:
+            try:
+                await self._membership(change, address, timeout)
+                return
+            except RaftUnavailable as exc:
+                if "REQUEST_DENIED" not in str(exc) or \
+                        asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
     async def add_member(self, address: str, timeout: float | None = None) -> None:
         """Add a voting member (one change at a time, as pysyncobj requires)."""
-        await self._membership("add", address, timeout)
+        await self._membership_retrying("add", address, timeout)
 
     async def remove_member(self, address: str, timeout: float | None = None) -> None:
-        await self._membership("remove", address, timeout)
+        await self._membership_retrying("remove", address, timeout)
 
     async def barrier(self, timeout: float | None = None) -> None:
         """Return once this node has applied every entry committed before the call."""

@@ -31,7 +31,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kmsd import tls
 from kmsd.cli import INIT_ACCESS_KEY_ENV, INIT_SECRET_ENV
@@ -210,6 +210,20 @@ class DevCluster:
         self._temporary = options.data_dir is None
         self.root = options.data_dir or tempfile.mkdtemp(prefix="kmsd-dev-")
         os.makedirs(self.root, exist_ok=True)
+        # A cluster keeps its ports: Raft snapshots record the members' addresses, so a
+        # restarted cluster on other ports could not find itself.
+        layout_path = os.path.join(self.root, "dev-cluster.json")
+        if os.path.exists(layout_path):
+            with open(layout_path) as handle:
+                layout = json.load(handle)
+            if layout["base_port"] != options.base_port or layout["nodes"] != options.nodes:
+                print(f"kmsd dev: {self.root} holds a {layout['nodes']}-node cluster on base "
+                      f"port {layout['base_port']}; using that", file=sys.stderr)
+            options = replace(options, base_port=layout["base_port"], nodes=layout["nodes"])
+            self.options = options
+        else:
+            with open(layout_path, "w") as handle:
+                json.dump({"base_port": options.base_port, "nodes": options.nodes}, handle)
         self.nodes = [DevNode(i, os.path.join(self.root, f"node-{i}"), options.base_port,
                               tls=options.tls)
                       for i in range(1, options.nodes + 1)]

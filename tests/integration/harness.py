@@ -40,7 +40,8 @@ def _ports_free(ports: list[int]) -> bool:
 
 def free_base_port(nodes: int) -> int:
     for _ in range(200):
-        base = random.randrange(20000, 40000, 10)
+        # Below the kernel's ephemeral range (32768+), where client sockets would collide.
+        base = random.randrange(15000, 32400, 10)
         if _ports_free([base + offset + i for offset in (0, 100, 200) for i in range(nodes)]):
             return base
     raise RuntimeError("no free port range")
