@@ -55,6 +55,8 @@ AUDIT_DIGEST_INTERVAL_SECONDS = 300.0
 
 
 PEERS_FILE = "raft-peers.json"
+# /readyz answers 503 while this node is further behind the leader's commit index.
+READY_MAX_LAG_ENTRIES = 100
 RESTORE_FILE = "restore-snapshot.msgpack"
 
 
@@ -243,9 +245,17 @@ class Node:
             return web.json_response({"alive": True})
 
         async def readyz(_request: web.Request) -> web.Response:
-            ready = self._not_ready is None and self.raft.has_leader
-            return web.json_response({"ready": ready, "reason": self._not_ready},
-                                     status=200 if ready else 503)
+            # Ready: in a quorum (knows a leader), domain key verified, and caught up.
+            raft = self.raft.status()
+            lag = max(0, (raft.get("leader_commit_index") or 0)
+                      - (raft.get("applied_index") or 0))
+            reason = self._not_ready
+            if reason is None and not self.raft.has_leader:
+                reason = "No Raft leader is reachable."
+            if reason is None and lag > READY_MAX_LAG_ENTRIES:
+                reason = f"Applying the log: {lag} entries behind."
+            return web.json_response({"ready": reason is None, "reason": reason, "lag": lag},
+                                     status=200 if reason is None else 503)
 
         async def metrics(_request: web.Request) -> web.Response:
             return web.Response(body=self.metrics.render(),
