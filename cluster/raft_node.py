@@ -113,56 +113,50 @@ class RaftNode:
             self._syncobj.destroy()
             self._syncobj = None
 
-    async def submit(self, command: commands.Command,
-                     timeout: float | None = None) -> ApplyResult:
-        """Commit `command` through Raft and return its result as applied on this node."""
+    async def _call(self, invoke: Callable[[Callable[[Any, int], None]], None],
+                    timeout: float | None, what: str, needs_result: bool) -> Any:
+        """Run a pysyncobj call that reports through a callback on its tick thread, and
+        await that report on the event loop, with a timeout (pysyncobj has none)."""
         if self._syncobj is None:
             raise RaftUnavailable("raft node is not running")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[ApplyResult] = loop.create_future()
+        future: asyncio.Future[Any] = loop.create_future()
 
         def resolve(result: Any, error: int) -> None:  # runs on the pysyncobj tick thread
             def settle() -> None:
                 if future.done():
                     return
-                if error == FAIL_REASON.SUCCESS and result is not None:
-                    future.set_result(result)
-                elif error == FAIL_REASON.SUCCESS:
+                if error != FAIL_REASON.SUCCESS:
+                    future.set_exception(RaftUnavailable(_FAIL_NAMES.get(error, str(error))))
+                elif needs_result and result is None:
                     future.set_exception(RaftUnavailable("command refused by every replica"))
                 else:
-                    future.set_exception(RaftUnavailable(_FAIL_NAMES.get(error, str(error))))
+                    future.set_result(result)
             loop.call_soon_threadsafe(settle)
 
-        self._consumer.apply_command(commands.encode(command), callback=resolve)
+        invoke(resolve)
         try:
             return await asyncio.wait_for(future, timeout or self.settings.commit_timeout)
         except TimeoutError as exc:
-            raise RaftUnavailable("commit timed out") from exc
+            raise RaftUnavailable(f"{what} timed out") from exc
+
+    async def submit(self, command: commands.Command,
+                     timeout: float | None = None) -> ApplyResult:
+        """Commit `command` through Raft and return its result as applied on this node."""
+        packed = commands.encode(command)
+        return await self._call(
+            lambda resolve: self._consumer.apply_command(packed, callback=resolve),
+            timeout, "commit", needs_result=True)
 
     async def _membership(self, change: str, address: str, timeout: float | None) -> None:
-        if self._syncobj is None:
-            raise RaftUnavailable("raft node is not running")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+        def invoke(resolve: Callable[[Any, int], None]) -> None:
+            assert self._syncobj is not None
+            if change == "add":
+                self._syncobj.addNodeToCluster(address, callback=resolve)
+            else:
+                self._syncobj.removeNodeFromCluster(address, callback=resolve)
 
-        def resolve(_result: Any, error: int) -> None:  # on the pysyncobj tick thread
-            def settle() -> None:
-                if future.done():
-                    return
-                if error == FAIL_REASON.SUCCESS:
-                    future.set_result(None)
-                else:
-                    future.set_exception(RaftUnavailable(_FAIL_NAMES.get(error, str(error))))
-            loop.call_soon_threadsafe(settle)
-
-        if change == "add":
-            self._syncobj.addNodeToCluster(address, callback=resolve)
-        else:
-            self._syncobj.removeNodeFromCluster(address, callback=resolve)
-        try:
-            await asyncio.wait_for(future, timeout or self.settings.commit_timeout)
-        except TimeoutError as exc:
-            raise RaftUnavailable("membership change timed out") from exc
+        await self._call(invoke, timeout, "membership change", needs_result=False)
 
     async def _membership_retrying(self, change: str, address: str,
                                    timeout: float | None) -> None:

@@ -27,7 +27,7 @@ def _post(url: str, body: dict[str, Any], ca_bundle: str | None) -> dict[str, An
                                      headers={"Content-Type": "application/json"})
     context = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else None
     try:
-        with urllib.request.urlopen(request, timeout=30, context=context) as response:
+        with urllib.request.urlopen(request, timeout=90, context=context) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as error:
         detail = json.loads(error.read() or b"{}")
