@@ -83,6 +83,49 @@ class CreateKey(Command):
 
 
 @dataclass(frozen=True)
+class SetImportParameters(Command):
+    """GetParametersForImport: an RSA wrapping key pair made in the HSM for one EXTERNAL key.
+
+    Its private key is here only wrapped under the domain key; a later call replaces it.
+    """
+
+    key_id: str
+    token_id: bytes
+    wrapping_algorithm: str
+    wrapping_key_spec: str
+    wrapped_private: bytes
+    public_key: bytes
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class ImportKeyMaterial(Command):
+    """Imported material, unwrapped in the proposer's HSM and re-wrapped under the domain key.
+
+    `material_check` is a key check value computed in the HSM (AES-CMAC of a constant): apply
+    compares it with the key's first import, so different material is refused everywhere alike.
+    """
+
+    key_id: str
+    token_id: bytes
+    wrapped_backing_key: bytes
+    material_check: str
+    expiration_model: str
+    valid_to: float | None
+    at: float
+
+
+@dataclass(frozen=True)
+class DeleteImportedKeyMaterial(Command):
+    """DeleteImportedKeyMaterial, or (expired_only) the leader's expiry of imported material:
+    apply re-checks ValidTo against `at`, so a late or repeated proposal changes nothing."""
+
+    key_id: str
+    at: float
+    expired_only: bool = False
+
+
+@dataclass(frozen=True)
 class SetKeyEnabled(Command):
     key_id: str
     enabled: bool

@@ -17,6 +17,7 @@ copies and never iterate a live dict.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,9 @@ from kmsd.audit.chain import AuditChain, AuditEntry, CanonicalEncodingError, Cha
 KEY_STATE_ENABLED = "Enabled"
 KEY_STATE_DISABLED = "Disabled"
 KEY_STATE_PENDING_DELETION = "PendingDeletion"
+# An EXTERNAL key without key material (new, deleted or expired): no backing key at all.
+KEY_STATE_PENDING_IMPORT = "PendingImport"
+ORIGIN_EXTERNAL = "EXTERNAL"
 
 
 ROTATION_AUTOMATIC = "AUTOMATIC"
@@ -67,6 +71,11 @@ class KeyRecord:
     next_rotation_at: float | None = None
     # DER SubjectPublicKeyInfo of an asymmetric key (its private key is backing_keys[0]).
     public_key: bytes | None = None
+    # Origin EXTERNAL: KEY_MATERIAL_EXPIRES / KEY_MATERIAL_DOES_NOT_EXPIRE and ValidTo of the
+    # current import, and the HSM-computed check value of the first imported material.
+    expiration_model: str | None = None
+    valid_to: float | None = None
+    material_check: str | None = None
 
     @property
     def arn(self) -> str:
@@ -81,6 +90,19 @@ class KeyRecord:
             if backing.version == version:
                 return backing
         return None
+
+
+@dataclass(frozen=True)
+class ImportParameters:
+    """The latest GetParametersForImport answer for one EXTERNAL key."""
+
+    key_id: str
+    token_id: bytes
+    wrapping_algorithm: str
+    wrapping_key_spec: str
+    wrapped_private: bytes  # the RSA wrapping private key, wrapped under the domain key
+    public_key: bytes
+    expires_at: float
 
 
 @dataclass(frozen=True)
@@ -190,6 +212,8 @@ class KmsState:
         self.access_keys: dict[str, AccessKeyRecord] = {}
         self.principals: dict[str, PrincipalRecord] = {}
         self.grants: dict[str, GrantRecord] = {}
+        # Key id -> its current import parameters (EXTERNAL keys only).
+        self.import_parameters: dict[str, ImportParameters] = {}
         self.nodes: dict[str, NodeRecord] = {}
         # Join tokens by SHA-256: (expiry, node id that used it or "").
         self.join_tokens: dict[str, tuple[float, str]] = {}
@@ -355,6 +379,8 @@ class KmsState:
             raise _Refuse("KMSInvalidStateException", f"{record.arn} is pending deletion.")
         if record.key_state == KEY_STATE_DISABLED:
             raise _Refuse("DisabledException", f"{record.arn} is disabled.")
+        if record.key_state == KEY_STATE_PENDING_IMPORT:
+            raise _Refuse("KMSInvalidStateException", f"{record.arn} is pending import.")
         on_key = [g for g in self.grants.values() if g.key_id == cmd.key_id]
         grant = GrantRecord(
             cmd.grant_id, cmd.grant_token, cmd.key_id, cmd.name, cmd.grantee_principal,
@@ -396,6 +422,10 @@ class KmsState:
             key_state=KEY_STATE_ENABLED,
             backing_keys=(BackingKey(1, cmd.wrapped_backing_key, cmd.at),), epoch=1,
             public_key=cmd.public_key)
+        if cmd.origin == ORIGIN_EXTERNAL:
+            # No material until ImportKeyMaterial.
+            record = dataclasses.replace(record, key_state=KEY_STATE_PENDING_IMPORT,
+                                         backing_keys=())
         self.keys[cmd.key_id] = record
         return record
 
@@ -403,6 +433,8 @@ class KmsState:
         record = self._key(cmd.key_id)
         if record.key_state == KEY_STATE_PENDING_DELETION:
             raise _Refuse("KMSInvalidStateException", f"{record.arn} is pending deletion.")
+        if record.key_state == KEY_STATE_PENDING_IMPORT:
+            raise _Refuse("KMSInvalidStateException", f"{record.arn} is pending import.")
         new_state = KEY_STATE_ENABLED if cmd.enabled else KEY_STATE_DISABLED
         if new_state != record.key_state:
             record = dataclasses.replace(record, key_state=new_state, epoch=record.epoch + 1)
@@ -464,9 +496,12 @@ class KmsState:
         record = self._key(cmd.key_id)
         if record.key_state != KEY_STATE_PENDING_DELETION:
             raise _Refuse("KMSInvalidStateException", f"{record.arn} is not pending deletion.")
-        # AWS: a key whose deletion is cancelled comes back Disabled.
+        # AWS: a key whose deletion is cancelled comes back Disabled (PendingImport if it has
+        # no key material).
         return self._put(dataclasses.replace(
-            record, key_state=KEY_STATE_DISABLED, deletion_date=None, pending_window_days=None,
+            record,
+            key_state=KEY_STATE_DISABLED if record.backing_keys else KEY_STATE_PENDING_IMPORT,
+            deletion_date=None, pending_window_days=None,
             epoch=record.epoch + 1))
 
     def _apply_DeleteKey(self, cmd: c.DeleteKey) -> KeyRecord | None:
@@ -477,6 +512,7 @@ class KmsState:
             return None
         del self.keys[cmd.key_id]
         self.key_usage.pop(cmd.key_id, None)
+        self.import_parameters.pop(cmd.key_id, None)
         for grant_id, grant in list(self.grants.items()):
             if grant.key_id == cmd.key_id:
                 del self.grants[grant_id]
@@ -518,6 +554,60 @@ class KmsState:
             updated = dataclasses.replace(
                 updated, next_rotation_at=cmd.at + record.rotation_period_days * SECONDS_PER_DAY)
         return self._put(updated)
+
+    # -- imported key material (Origin EXTERNAL) ------------------------------
+
+    def _external_key(self, key_id: str) -> KeyRecord:
+        record = self._key_not_pending_deletion(key_id)
+        if record.origin != ORIGIN_EXTERNAL:
+            raise _Refuse("UnsupportedOperationException",
+                          f"{record.arn} origin is {record.origin} which is not valid for "
+                          "this operation.")
+        return record
+
+    def _apply_SetImportParameters(self, cmd: c.SetImportParameters) -> ImportParameters:
+        self._external_key(cmd.key_id)
+        parameters = ImportParameters(cmd.key_id, cmd.token_id, cmd.wrapping_algorithm,
+                                      cmd.wrapping_key_spec, cmd.wrapped_private,
+                                      cmd.public_key, cmd.expires_at)
+        self.import_parameters[cmd.key_id] = parameters
+        return parameters
+
+    def _apply_ImportKeyMaterial(self, cmd: c.ImportKeyMaterial) -> KeyRecord:
+        record = self._external_key(cmd.key_id)
+        parameters = self.import_parameters.get(cmd.key_id)
+        if parameters is None or not hmac.compare_digest(parameters.token_id, cmd.token_id):
+            raise _Refuse("InvalidImportTokenException",
+                          "The import token is not valid for this KMS key.")
+        if parameters.expires_at < cmd.at:
+            raise _Refuse("ExpiredImportTokenException", "The import token has expired.")
+        if record.material_check is not None and not hmac.compare_digest(
+                record.material_check, cmd.material_check):
+            raise _Refuse("IncorrectKeyMaterialException",
+                          f"The key material is not the key material previously imported "
+                          f"into {record.arn}.")
+        backing_keys = record.backing_keys or (BackingKey(1, cmd.wrapped_backing_key, cmd.at),)
+        key_state = (KEY_STATE_ENABLED if record.key_state == KEY_STATE_PENDING_IMPORT
+                     else record.key_state)
+        return self._put(dataclasses.replace(
+            record, backing_keys=backing_keys, key_state=key_state,
+            expiration_model=cmd.expiration_model, valid_to=cmd.valid_to,
+            material_check=cmd.material_check, epoch=record.epoch + 1))
+
+    def _apply_DeleteImportedKeyMaterial(self, cmd: c.DeleteImportedKeyMaterial
+                                         ) -> KeyRecord | None:
+        """Returns the updated key, or None for an expiry that is not (or no longer) due."""
+        if cmd.expired_only:
+            record = self.keys.get(cmd.key_id)
+            if (record is None or record.origin != ORIGIN_EXTERNAL or not record.backing_keys
+                    or record.key_state == KEY_STATE_PENDING_DELETION
+                    or record.valid_to is None or record.valid_to > cmd.at):
+                return None
+        else:
+            record = self._external_key(cmd.key_id)
+        return self._put(dataclasses.replace(
+            record, backing_keys=(), key_state=KEY_STATE_PENDING_IMPORT,
+            expiration_model=None, valid_to=None, epoch=record.epoch + 1))
 
     def _put(self, record: KeyRecord) -> KeyRecord:
         self.keys[record.key_id] = record
@@ -563,6 +653,7 @@ class KmsState:
             "access_keys": records(self.access_keys),
             "principals": records(self.principals),
             "grants": records(self.grants),
+            "import_parameters": records(self.import_parameters),
             "nodes": records(self.nodes),
             "join_tokens": {k: list(v) for k, v in sorted(self.join_tokens.items())},
             "domain_key_check": self.domain_key_check,
@@ -595,9 +686,12 @@ class KmsState:
                 if g[name] is not None:
                     g[name] = tuple(tuple(x) for x in g[name])
             grants[g["grant_id"]] = GrantRecord(**g)
+        import_parameters = {p["key_id"]: ImportParameters(**p)
+                             for p in raw.get("import_parameters", [])}
         # Whole dicts are swapped in, never mutated, so concurrent readers see old or new.
         self.keys, self.aliases, self.access_keys, self.nodes = keys, aliases, access_keys, nodes
         self.principals, self.grants = principals, grants
+        self.import_parameters = import_parameters
         self.join_tokens = {k: (v[0], v[1]) for k, v in raw.get("join_tokens", {}).items()}
         self.domain_key_check = raw["domain_key_check"]
         self.audit = AuditChain.from_snapshot(raw["audit"])

@@ -9,7 +9,17 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kmsd.service import aliases, asymmetric, crypto, data_key_pairs, grants, keys, rotation, tags
+from kmsd.service import (
+    aliases,
+    asymmetric,
+    crypto,
+    data_key_pairs,
+    grants,
+    key_import,
+    keys,
+    rotation,
+    tags,
+)
 from kmsd.service.context import RequestContext
 from kmsd.service.core import ServiceCore
 
@@ -55,6 +65,9 @@ OPERATIONS: dict[str, Handler] = {
     "GenerateMac": asymmetric.generate_mac,
     "VerifyMac": asymmetric.verify_mac,
     "DeriveSharedSecret": asymmetric.derive_shared_secret,
+    "GetParametersForImport": key_import.get_parameters_for_import,
+    "ImportKeyMaterial": key_import.import_key_material,
+    "DeleteImportedKeyMaterial": key_import.delete_imported_key_material,
     "CreateAlias": aliases.create_alias,
     "UpdateAlias": aliases.update_alias,
     "DeleteAlias": aliases.delete_alias,

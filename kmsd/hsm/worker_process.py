@@ -41,6 +41,7 @@ import structlog
 from kmsd.hsm.asymmetric import AsymmetricKeys, GeneratedKey, MessageType
 from kmsd.hsm.capabilities import TokenCapabilities
 from kmsd.hsm.data_key_pairs import DataKeyPair, generate_data_key_pair
+from kmsd.hsm.key_import import ImportedMaterial, import_material
 from kmsd.hsm.partition import HsmError, HsmPartition
 
 log = structlog.get_logger("kmsd.hsm.worker")
@@ -116,6 +117,12 @@ def _child_data_key_pair(key_pair_spec: str) -> DataKeyPair:
     return generate_data_key_pair(_keys().partition, key_pair_spec)
 
 
+def _child_import(path: str, wrapping_algorithm: str, wrapped_wrapping_private: bytes,
+                  wrapping_key_spec: str, encrypted_key_material: bytes) -> ImportedMaterial:
+    return import_material(_keys().partition, path, wrapping_algorithm,
+                           wrapped_wrapping_private, wrapping_key_spec, encrypted_key_material)
+
+
 def _child_evict(wrapped: tuple[bytes, ...]) -> int:
     keys = _keys()
     for blob in wrapped:
@@ -187,6 +194,14 @@ class HsmWorkerProcess:
 
     async def data_key_pair(self, key_pair_spec: str) -> DataKeyPair:
         return await self._call(_child_data_key_pair, key_pair_spec)
+
+    async def import_material(self, path: str, wrapping_algorithm: str,
+                              wrapped_wrapping_private: bytes, wrapping_key_spec: str,
+                              encrypted_key_material: bytes) -> ImportedMaterial:
+        """ImportKeyMaterial's RSA unwrap (kmsd.hsm.key_import), off the event loop."""
+        return await self._call(_child_import, path, wrapping_algorithm,
+                                wrapped_wrapping_private, wrapping_key_spec,
+                                encrypted_key_material)
 
     async def evict(self, wrapped: tuple[bytes, ...]) -> int:
         """Drop the child's cached handles for these blobs; returns how many it still holds."""

@@ -30,6 +30,7 @@ from kmsd.hsm.asymmetric import AsymmetricKeys, InvalidInput, UnsupportedByToken
 from kmsd.hsm.asymmetric_router import SLOW_RSA_BITS, AsymmetricRouter
 from kmsd.hsm.capabilities import RSA_KEY_SPECS
 from kmsd.hsm.data_key_pairs import UnsupportedKeyPairSpec
+from kmsd.hsm.key_import import ImportRefused, InvalidMaterial, wrapping_rows
 from kmsd.hsm.partition import HsmAuthenticationFailed, HsmError, HsmPartition
 from kmsd.hsm.worker_process import HsmWorkerProcess, WorkerSettings
 from kmsd.service.core import ServiceCore
@@ -119,15 +120,14 @@ def hsm_errors() -> Iterator[None]:
     """HSM-layer failures as the AWS errors a caller gets. No message carries key material."""
     try:
         yield
-    except (UnsupportedByToken, UnsupportedKeyPairSpec) as error:
+    except (UnsupportedByToken, UnsupportedKeyPairSpec, ImportRefused) as error:
         raise UnsupportedOperationException(str(error)) from None
-    except InvalidInput as error:
+    except (InvalidInput, InvalidMaterial) as error:
         raise ValidationException(str(error)) from None
     except HsmAuthenticationFailed:
         raise InvalidCiphertextException() from None
     except HsmError as error:
-        raise KMSInternalException(f"The HSM could not complete the request ({error}); "
-                                   "retry it.") from None
+        raise KMSInternalException(f"The HSM could not complete the request: {error}.") from None
 
 
 def capabilities_report(core: ServiceCore) -> dict[str, Any]:
@@ -141,12 +141,13 @@ def capabilities_report(core: ServiceCore) -> dict[str, Any]:
         "token_model": caps.token_model.strip(), "token_firmware": caps.token_firmware,
         "library": caps.library, "probe_seconds": round(caps.probe_seconds, 3),
         "capabilities": [{"kind": kind, "name": name, "path": path, "detail": detail}
-                         for kind, name, path, detail in caps.rows()],
+                         for kind, name, path, detail in caps.rows() + wrapping_rows(caps)],
         "helper_process": {
             "enabled": worker is not None,
             "restarts": worker.restarts if worker is not None else 0,
             "runs": [f"RSA key generation ({', '.join(RSA_KEY_SPECS)})",
                      "RSA data key pair generation",
-                     f"RSA sign and decrypt with {SLOW_RSA_BITS}-bit keys and larger"],
+                     f"RSA sign and decrypt with {SLOW_RSA_BITS}-bit keys and larger",
+                     "ImportKeyMaterial (RSA unwrap of imported key material)"],
         },
     }

@@ -15,6 +15,7 @@ from cluster.raft_node import RaftNode, RaftUnavailable
 from cluster.state import (
     KEY_STATE_DISABLED,
     KEY_STATE_PENDING_DELETION,
+    KEY_STATE_PENDING_IMPORT,
     KeyRecord,
     KmsState,
     Rejected,
@@ -102,6 +103,8 @@ class ServiceCore:
             raise DisabledException(f"{record.arn} is disabled.")
         if record.key_state == KEY_STATE_PENDING_DELETION:
             raise KMSInvalidStateException(f"{record.arn} is pending deletion.")
+        if record.key_state == KEY_STATE_PENDING_IMPORT:
+            raise KMSInvalidStateException(f"{record.arn} is pending import.")
 
     def random(self, length: int) -> bytes:
         return self.hsm.random(length)

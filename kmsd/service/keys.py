@@ -14,7 +14,13 @@ import uuid
 from typing import Any
 
 from cluster import commands
-from cluster.state import KEY_STATE_ENABLED, KEY_STATE_PENDING_DELETION, SECONDS_PER_DAY, KeyRecord
+from cluster.state import (
+    KEY_STATE_ENABLED,
+    KEY_STATE_PENDING_DELETION,
+    ORIGIN_EXTERNAL,
+    SECONDS_PER_DAY,
+    KeyRecord,
+)
 from kmsd.auth.policy import PolicyKind, lockout_safety_check, parse_policy
 from kmsd.errors import NotFoundException, UnsupportedOperationException, ValidationException
 from kmsd.service import asymmetric
@@ -63,8 +69,12 @@ def key_metadata(record: KeyRecord) -> dict[str, Any]:
         **algorithm_lists(record.key_spec, record.key_usage),
         "MultiRegion": False,
     }
-    if record.key_spec == SYMMETRIC_DEFAULT:
-        # AWS: present for symmetric encryption keys only.
+    if record.origin == ORIGIN_EXTERNAL and record.expiration_model is not None:
+        metadata["ExpirationModel"] = record.expiration_model
+        if record.valid_to is not None:
+            metadata["ValidTo"] = record.valid_to
+    if record.key_spec == SYMMETRIC_DEFAULT and record.backing_keys:
+        # AWS: present for symmetric encryption keys only (and not before an import).
         metadata["CurrentKeyMaterialId"] = key_material_id(record.current_backing_key.wrapped)
     if record.key_state == KEY_STATE_PENDING_DELETION:
         metadata["DeletionDate"] = record.deletion_date
@@ -75,9 +85,12 @@ def key_metadata(record: KeyRecord) -> dict[str, Any]:
 async def create_key(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
     key_spec = params.get("KeySpec") or params.get("CustomerMasterKeySpec") or SYMMETRIC_DEFAULT
     key_usage = key_usage_for(key_spec, params.get("KeyUsage"))
-    if params.get("Origin", "AWS_KMS") != "AWS_KMS":
+    origin = params.get("Origin") or "AWS_KMS"
+    if origin not in ("AWS_KMS", ORIGIN_EXTERNAL):
+        raise UnsupportedOperationException(f"kmsd does not support Origin {origin} yet.")
+    if origin == ORIGIN_EXTERNAL and key_spec != SYMMETRIC_DEFAULT:
         raise UnsupportedOperationException(
-            f"kmsd does not support Origin {params['Origin']} yet.")
+            f"kmsd imports key material for SYMMETRIC_DEFAULT keys only, not {key_spec}.")
     if params.get("CustomKeyStoreId") or params.get("XksKeyId"):
         raise UnsupportedOperationException("kmsd has no custom key stores yet.")
     if params.get("MultiRegion"):
@@ -89,7 +102,9 @@ async def create_key(core: ServiceCore, ctx: RequestContext, params: dict[str, A
     _check_key_policy(core, ctx, policy, None, params)
     tags = checked_tags(params.get("Tags", []))
     public_key = None
-    if key_spec == SYMMETRIC_DEFAULT:
+    if origin == ORIGIN_EXTERNAL:
+        wrapped = b""  # PendingImport: the material comes with ImportKeyMaterial
+    elif key_spec == SYMMETRIC_DEFAULT:
         wrapped = core.hsm.generate_wrapped_aes_key()
     else:
         # In the HSM helper process for RSA (seconds); inline for EC and HMAC.
@@ -102,7 +117,7 @@ async def create_key(core: ServiceCore, ctx: RequestContext, params: dict[str, A
         description=params.get("Description", ""),
         key_usage=key_usage,
         key_spec=key_spec,
-        origin="AWS_KMS",
+        origin=origin,
         policy=policy,
         tags=tags,
         wrapped_backing_key=wrapped,

@@ -1,5 +1,5 @@
 """Time-driven key changes, proposed by the leader: deletion at the end of the
-pending window and automatic rotation.
+pending window, automatic rotation and the expiry of imported key material.
 
 The state machine never reads a clock: the leader compares the dates stored in
 the replicated state with its proposer clock and proposes DeleteKey or
@@ -19,6 +19,7 @@ from cluster import commands
 from cluster.state import KEY_STATE_ENABLED, KEY_STATE_PENDING_DELETION, ROTATION_AUTOMATIC
 from kmsd.errors import KmsError
 from kmsd.service.core import ServiceCore
+from kmsd.service.key_import import expire_due
 from kmsd.service.rotation import rotate
 
 log = structlog.get_logger("kmsd.scheduler")
@@ -51,3 +52,5 @@ class KeyScheduler:
                 log.info("key_deleted", key_id=record.key_id)
             elif due_rotation and await rotate(self.core, record, ROTATION_AUTOMATIC):
                 log.info("key_rotated", key_id=record.key_id, rotation="automatic")
+            elif not due_deletion and await expire_due(self.core, record, now):
+                log.info("imported_key_material_expired", key_id=record.key_id)
