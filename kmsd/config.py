@@ -159,6 +159,8 @@ class NodeConfig:
     tls_key: str | None = None
     # The CA that signed the members' certificates (node-to-node calls verify with it).
     tls_ca: str | None = None
+    # Hardware tokens without in-token RSA-OAEP-SHA256: decode OAEP on the host for imports.
+    allow_host_oaep_decoding: bool = False
 
     @property
     def default_region(self) -> str:
@@ -215,6 +217,7 @@ def parse(raw: dict) -> NodeConfig:
         token_label=hsm["token_label"],
         pin=_secret_source(hsm, "hsm", "pin"),
         softhsm2_conf=hsm.get("softhsm2_conf"),
+        allow_host_oaep_decoding=bool(hsm.get("allow_host_oaep_decoding", False)),
         scheduler_interval_seconds=float(node.get("scheduler_interval_seconds", 10.0)),
         compaction_min_entries=int(raft.get("compaction_min_entries", 2000)),
         compaction_min_seconds=float(raft.get("compaction_min_seconds", 60.0)),

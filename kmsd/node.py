@@ -95,6 +95,7 @@ class Node:
         self.asymmetric = AsymmetricHsm.for_node(self.core, self.hsm, WorkerSettings(
             config.hsm_module, config.token_label, config.pin.read("HSM PIN"),
             config.softhsm2_conf))
+        self.core.allow_host_oaep_decoding = config.allow_host_oaep_decoding
         self.credentials = CredentialStore(self.state, self.hsm)
         self.authenticator = Authenticator(
             # SigV4 checks skew against real time, never the (test-adjustable) proposer clock.

@@ -46,6 +46,8 @@ class ServiceCore:
         self.account_id = account_id
         self.regions = regions
         self.authorizer = Authorizer(state)
+        # Config `[hsm] allow_host_oaep_decoding`: see kmsd/service/key_import.py.
+        self.allow_host_oaep_decoding = False
 
     async def authorize(self, ctx: RequestContext, operation: str, record: KeyRecord | None,
                         params: dict[str, Any]) -> None:

@@ -47,8 +47,6 @@ KEY_MATERIAL_DOES_NOT_EXPIRE = "KEY_MATERIAL_DOES_NOT_EXPIRE"
 _TOKEN_MAGIC = b"kit1"
 _TOKEN_ID_BYTES = 16
 _TOKEN_BYTES = len(_TOKEN_MAGIC) + _TOKEN_ID_BYTES + 16 + 32
-# Operator switch for hardware tokens without in-token RSA-OAEP-SHA256 (not set by default).
-ALLOW_HOST_DECODING = False
 
 
 # -- the import token (pure) -------------------------------------------------------------
@@ -107,8 +105,10 @@ def _require_importable(record: KeyRecord) -> None:
 
 
 def _path(core: ServiceCore, algorithm: str) -> str:
+    # Operators may allow host-side OAEP decoding on hardware tokens that lack
+    # RSA-OAEP-SHA256 in-token (`[hsm] allow_host_oaep_decoding`); software tokens always may.
     path, detail = hsm_import.import_path(router_of(core).capabilities, algorithm,
-                                          ALLOW_HOST_DECODING)
+                                          core.allow_host_oaep_decoding)
     if path == UNSUPPORTED:
         raise UnsupportedOperationException(
             f"WrappingAlgorithm {algorithm} is not supported by this kmsd node: {detail}.")

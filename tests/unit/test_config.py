@@ -343,3 +343,18 @@ def test_field_validation(tmp_path, old, new, expected):
     with pytest.raises(ConfigError) as caught:
         config.load(_write(tmp_path, MINIMAL.replace(old, new)))
     assert str(caught.value) == expected
+
+
+def test_allow_host_oaep_decoding_is_off_unless_configured(tmp_path) -> None:
+    from kmsd.config import parse
+
+    raw = {
+        "node": {"id": "n", "data_dir": str(tmp_path)},
+        "api": {"listen": "127.0.0.1:1", "admin_listen": "127.0.0.1:2"},
+        "raft": {"address": "127.0.0.1:3", "password_env": "X"},
+        "cluster": {"regions": ["us-east-1"], "account_id": "111122223333"},
+        "hsm": {"token_label": "t", "pin_env": "Y"},
+    }
+    assert parse(raw).allow_host_oaep_decoding is False
+    raw["hsm"]["allow_host_oaep_decoding"] = True
+    assert parse(raw).allow_host_oaep_decoding is True
