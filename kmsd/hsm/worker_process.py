@@ -69,9 +69,11 @@ class WorkerSettings:
 _child_keys: AsymmetricKeys | None = None
 
 
-def _child_init(settings: WorkerSettings) -> None:
+def _child_init(settings: WorkerSettings, node_pid: int) -> None:
     global _child_keys
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
+    # The node may have died while this process was still starting (importing, ~0.5 s):
+    # compare with the pid the node gave, not with whatever parent this process has now.
+    threading.Thread(target=_exit_with_parent, args=(node_pid,), daemon=True,
                      name="parent-watch").start()
     if settings.softhsm2_conf:
         os.environ["SOFTHSM2_CONF"] = settings.softhsm2_conf
@@ -83,10 +85,9 @@ def _exit_with_parent(parent_pid: int) -> None:
     """End the child when the node is gone. A node killed with SIGKILL cannot shut the pool
     down, and the child never sees EOF on its call queue (it holds the queue's write end
     itself), so without this it would live on, logged in to the token, as an orphan."""
-    while True:
+    while os.getppid() == parent_pid:
         time.sleep(PARENT_CHECK_SECONDS)
-        if os.getppid() != parent_pid:
-            os._exit(0)
+    os._exit(0)
 
 
 def _keys() -> AsymmetricKeys:
@@ -151,7 +152,8 @@ class HsmWorkerProcess:
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_child_init, initargs=(self._settings,))
+                                   initializer=_child_init,
+                                   initargs=(self._settings, os.getpid()))
 
     def start(self) -> None:
         """Spawn the process and let it log in; returns at once."""
@@ -162,6 +164,8 @@ class HsmWorkerProcess:
 
     def _warmed_up(self, future: Future[int]) -> None:
         # Runs on the executor's management thread: log only.
+        if future.cancelled():
+            return
         error = future.exception()
         if error is not None:
             log.error("hsm_worker_failed_to_start", token=self.token_label,
