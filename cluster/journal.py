@@ -8,12 +8,24 @@ deleted; a deleted key's material must be gone from the journal once the log
 is compacted. This subclass overwrites the dropped range with zeros, on
 pysyncobj's own thread, inside the same calls.
 
+It also closes a Raft safety hole of pysyncobj 0.3.17: a follower handling
+append_entries deletes every entry after `prevLogIdx` before appending the
+leader's batch, even entries that match the leader's log (Raft deletes only
+from the first conflict). A retransmitted, shorter batch then drops entries
+the follower had acknowledged (and applied); under faults such a follower can
+win an election and committed entries are lost (found by the chaos runs).
+Here a follower keeps the suffix entries of the current term -- by Raft's log
+matching property they came from the current leader and match its log -- and
+truncates only from the first entry of another term; re-sent entries already
+present are skipped rather than appended twice.
+
 It relies on FileJournal internals of the pinned pysyncobj version (checked by
 tests/unit/cluster/test_journal.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pysyncobj.syncobj
@@ -21,6 +33,9 @@ from pysyncobj.journal import FIRST_RECORD_OFFSET, FileJournal, MemoryJournal
 
 
 class ScrubbingFileJournal(FileJournal):
+    # Set by RaftNode once the SyncObj exists: the node's current Raft term.
+    current_term: Callable[[], int] | None = None
+
     def _end(self) -> int:
         return self._FileJournal__currentOffset  # type: ignore[attr-defined]
 
@@ -34,9 +49,26 @@ class ScrubbingFileJournal(FileJournal):
         self._zero(FIRST_RECORD_OFFSET, end)
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N803 - pysyncobj's name
+        if self.current_term is not None:
+            term = self.current_term()
+            while entryFrom < len(self) and self[entryFrom][2] == term:
+                entryFrom += 1  # the current leader's own entry: it matches; keep it
+        self._truncate(entryFrom)
+
+    def _truncate(self, entryFrom: int) -> None:  # noqa: N803
+        if entryFrom >= len(self):
+            return
         end = self._end()
         super().deleteEntriesFrom(entryFrom)
         self._zero(self._end(), end)
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        if len(self) and idx <= self[-1][1]:
+            position = idx - self[0][1]
+            if position >= 0 and self[position][2] == term:
+                return  # already here, kept by deleteEntriesFrom: the same entry
+            self._truncate(max(position, 0))  # a conflict: Raft deletes from here
+        super().add(command, idx, term)
 
 
 def _create_journal(journal_file: str | None = None) -> Any:

@@ -107,6 +107,10 @@ class RaftNode:
         )
         self._syncobj = SyncObj(self.settings.self_address, list(self.settings.peer_addresses),
                                 conf=conf, consumers=[self._consumer])
+        log = self._syncobj._SyncObj__raftLog
+        if isinstance(log, journal.ScrubbingFileJournal):
+            syncobj = self._syncobj
+            log.current_term = lambda: syncobj.raftCurrentTerm
 
     def stop(self) -> None:
         if self._syncobj is not None:

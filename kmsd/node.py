@@ -27,7 +27,7 @@ from cluster.raft_node import RaftNode, RaftSettings, RaftUnavailable
 from cluster.state import Applied, KeyRecord, KmsState, Rejected
 from kmsd import bootstrap, sd_notify
 from kmsd.api.admin import make_admin_app
-from kmsd.api.protocol import Authenticator, KmsProtocol
+from kmsd.api.protocol import MAX_BODY_BYTES, Authenticator, KmsProtocol
 from kmsd.api.validation import RequestValidator
 from kmsd.audit.backfill import Backfiller
 from kmsd.audit.committer import AuditCommitter
@@ -240,7 +240,7 @@ class Node:
     # -- HTTP ----------------------------------------------------------------
 
     def api_app(self) -> web.Application:
-        app = web.Application(client_max_size=1024 * 1024)
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
 
         async def healthz(_request: web.Request) -> web.Response:
             return web.json_response({"alive": True})

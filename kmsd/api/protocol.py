@@ -10,9 +10,11 @@ log line names the operation and the exception type only).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 
 from cluster.state import key_arn
 from kmsd.api.operations import OPERATIONS
@@ -37,11 +39,24 @@ from kmsd.errors import (
     SerializationException,
     UnknownOperationException,
     UnsupportedOperationException,
+    ValidationException,
 )
 from kmsd.service.context import Caller, RequestContext
 from kmsd.service.core import ServiceCore
 
 TARGET_PREFIX = "TrentService."
+MAX_BODY_BYTES = 1024 * 1024
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return any("\ud800" <= ch <= "\udfff" for ch in value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 CONTENT_TYPE = "application/x-amz-json-1.1"
 _ACCEPTED_CONTENT_TYPES = frozenset({CONTENT_TYPE, "application/json"})
 
@@ -164,7 +179,14 @@ class KmsProtocol:
         return response
 
     async def _serve(self, request: web.Request, exchange: _Exchange) -> dict[str, Any]:
-        body = await request.read()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ValidationException(
+                f"The request body exceeds {MAX_BODY_BYTES} bytes.") from None
+        except (ConnectionError, asyncio.IncompleteReadError, ClientPayloadError):
+            # The client went away mid-body: its doing, not an internal fault.
+            raise SerializationException("The request body was cut short.") from None
         exchange.caller, exchange.region = self.authenticator.authenticate(request, body)
         operation = exchange.operation
         if request.method != "POST" or operation not in self.validator.operation_names:
@@ -176,6 +198,12 @@ class KmsProtocol:
             raw = json.loads(body) if body.strip() else {}
         except (ValueError, UnicodeDecodeError):
             raise SerializationException("The request body is not valid JSON.") from None
+        except RecursionError:
+            raise SerializationException("The request body nests too deeply.") from None
+        if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(raw):
+            # Escapes that decode to half a UTF-16 pair are no text: refuse them here
+            # rather than fail later when the value is encoded.
+            raise SerializationException("The request body holds an invalid \\u escape.")
         params = self.validator.validate(operation, raw)
         exchange.params = params
         handler = OPERATIONS.get(operation)

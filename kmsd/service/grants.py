@@ -35,6 +35,15 @@ _SYMMETRIC_OPERATIONS = frozenset({
     "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext"})
 
 
+def _required(params: dict[str, Any], member: str) -> str:
+    """A member the model leaves optional but the operation needs."""
+    if member not in params:
+        name = member[0].lower() + member[1:]
+        raise ValidationException(f"1 validation error detected: Value null at '{name}' "
+                                  "failed to satisfy constraint: Member must not be null")
+    return params[member]
+
+
 def _pairs(context: dict[str, str] | None) -> tuple[tuple[str, str], ...] | None:
     return None if context is None else tuple(sorted(context.items()))
 
@@ -74,7 +83,7 @@ async def create_grant(core: ServiceCore, ctx: RequestContext, params: dict[str,
     grant: GrantRecord = await core.commit(commands.CreateGrant(
         grant_id=grant_id, grant_token=make_grant_token(grant_id, core.random(16)),
         key_id=record.key_id, name=params.get("Name", ""),
-        grantee_principal=params["GranteePrincipal"],
+        grantee_principal=_required(params, "GranteePrincipal"),
         retiring_principal=params.get("RetiringPrincipal", ""), operations=operations,
         encryption_context_equals=_pairs(constraints.get("EncryptionContextEquals")),
         encryption_context_subset=_pairs(constraints.get("EncryptionContextSubset")),
@@ -96,7 +105,7 @@ async def list_grants(core: ServiceCore, ctx: RequestContext, params: dict[str, 
 async def list_retirable_grants(core: ServiceCore, ctx: RequestContext,
                                 params: dict[str, Any]) -> dict:
     await core.authorize(ctx, "ListRetirableGrants", None, params)
-    retiring = params["RetiringPrincipal"]
+    retiring = _required(params, "RetiringPrincipal")
     grants = [g for g in list(core.state.grants.values()) if g.retiring_principal == retiring
               and (key := core.state.keys.get(g.key_id)) is not None
               and key.region == ctx.region]

@@ -62,3 +62,43 @@ def test_install_makes_syncobj_use_the_scrubbing_journal(tmp_path) -> None:
         assert isinstance(node._SyncObj__raftLog, ScrubbingFileJournal)
     finally:
         node.destroy()
+
+
+def _log_with(tmp_path, terms: list[int], current_term: int) -> ScrubbingFileJournal:
+    log = ScrubbingFileJournal(str(tmp_path / "raft.journal"))
+    for i, term in enumerate(terms):
+        log.add(b"cmd-%d" % (i + 1), i + 1, term)
+    log.current_term = lambda: current_term
+    return log
+
+
+def test_a_resent_shorter_batch_keeps_entries_of_the_current_term(tmp_path) -> None:
+    # Follower holds 1..10 of term 2 (acknowledged to the leader of term 2). The leader
+    # re-sends prevLogIdx=5 with entries 6..7: pysyncobj deletes from 6, then appends.
+    log = _log_with(tmp_path, [2] * 10, current_term=2)
+    log.deleteEntriesFrom(5)
+    log.add(b"cmd-6", 6, 2)
+    log.add(b"cmd-7", 7, 2)
+    assert [(log[i][1], log[i][2]) for i in range(len(log))] == [(i, 2) for i in range(1, 11)]
+    log._destroy()
+
+
+def test_entries_of_an_older_term_are_truncated_from_the_first_conflict(tmp_path) -> None:
+    # Entries 6..10 came from an old leader (term 1); the leader of term 3 sends 6..7.
+    log = _log_with(tmp_path, [1] * 10, current_term=3)
+    log.deleteEntriesFrom(5)
+    log.add(b"new-6", 6, 3)
+    log.add(b"new-7", 7, 3)
+    assert [(log[i][1], log[i][2]) for i in range(len(log))] == [
+        (1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (6, 3), (7, 3)]
+    log._destroy()
+    reopened = ScrubbingFileJournal(str(tmp_path / "raft.journal"))
+    assert [reopened[i][0] for i in range(len(reopened))][-2:] == [b"new-6", b"new-7"]
+    reopened._destroy()
+
+
+def test_a_conflicting_entry_at_an_existing_index_replaces_the_rest(tmp_path) -> None:
+    log = _log_with(tmp_path, [2, 2, 2, 2], current_term=2)
+    log.add(b"other-3", 3, 4)  # same index, another term: Raft deletes 3.. and appends
+    assert [(log[i][1], log[i][2]) for i in range(len(log))] == [(1, 2), (2, 2), (3, 4)]
+    log._destroy()
