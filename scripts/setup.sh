@@ -11,6 +11,11 @@ if ! command -v softhsm2-util >/dev/null 2>&1; then
   sudo_if_needed apt-get update -qq
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 >/dev/null
 fi
+# wrk (Debian) drives the benchmark smoke test in tests/bench/.
+if [ "${1:-}" = test ] && ! command -v wrk >/dev/null 2>&1; then
+  sudo_if_needed apt-get update -qq
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+fi
 # systemd-analyze (Debian's systemd) verifies ops/systemd/ in tests/unit/test_ops_files.py.
 if [ "${1:-}" = test ] && ! command -v systemd-analyze >/dev/null 2>&1; then
   sudo_if_needed apt-get update -qq
