@@ -69,11 +69,13 @@ def _paged(call: Any, key: str, **kwargs: Any) -> list[dict[str, Any]]:
 # Audit chains.
 def audit_records(cluster: Cluster, node: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
+    after = 0
     for _ in range(100_000):
-        page = cluster.admin(node, "GET", f"/v1/audit/records?after={len(out)}&limit=1000")
+        page = cluster.admin(node, "GET", f"/v1/audit/records?after={after}&limit=1000")
         if not page["Records"]:
             return out
         out += page["Records"]
+        after = page["Records"][-1]["seq"]  # not len(out): a node's files may have a gap
     raise AssertionError("audit records did not end")
 
 
@@ -106,6 +108,7 @@ def check_audit(cluster: Cluster, ledger: Ledger) -> tuple[CheckResult, list[dic
     by_seq: dict[int, dict[str, Any]] = {}
     gaps: dict[str, list[int]] = {}
     diverged: set[int] = set()
+    diverged_ids: dict[str, str] = {}  # request id of a diverged record -> its node
     for node, chain in enumerate(chains):
         held = {r["seq"] for r in chain if r["seq"] <= length}
         missing = [seq for seq in range(1, length + 1) if seq not in held]
@@ -114,18 +117,28 @@ def check_audit(cluster: Cluster, ledger: Ledger) -> tuple[CheckResult, list[dic
             result.fail(f"{SEGMENT_GAP} node-{node + 1}'s segments lack {len(missing)} of "
                         f"{length} records (seq {missing[0]}..{missing[-1]}); its verify says "
                         f"{verified[node].get('segment_gap') or verified[node].get('error')}")
-        for record in chain:
-            first = by_seq.setdefault(record["seq"], record)
-            if first["hash"] != record["hash"]:
-                result.fail(f"divergence: node-{node + 1} holds another record at seq "
-                            f"{record['seq']} than an earlier node: {_brief(record)} "
-                            f"instead of {_brief(first)}")
-                diverged.add(node)
         if not verified[node]["ok"] and not missing:
             result.fail(f"node-{node + 1}'s chain does not verify: {verified[node]['error']}")
+    # The record at each seq is the one most nodes hold; any other is a divergence.
+    held_at: dict[int, list[tuple[int, dict[str, Any]]]] = {}
+    for node, node_chain in enumerate(chains):
+        for record in node_chain:
+            held_at.setdefault(record["seq"], []).append((node, record))
+    for seq, holders in sorted(held_at.items()):
+        votes = Counter(r["hash"] for _, r in holders)
+        winner = max(holders, key=lambda h: votes[h[1]["hash"]])[1]
+        by_seq[seq] = winner
+        for node, record in holders:
+            if record["hash"] != winner["hash"]:
+                diverged.add(node)
+                diverged_ids[str(record["event"].get("requestID"))] = f"node-{node + 1}"
+                result.fail(f"divergence: node-{node + 1} holds another record at seq {seq} "
+                            f"than {votes[winner['hash']]} other node(s): {_brief(record)} "
+                            f"instead of {_brief(winner)}")
     chain = [by_seq[seq] for seq in sorted(by_seq) if seq <= length]
-    if len(chain) != length:
-        result.fail(f"no node holds {length - len(chain)} of the {length} records")
+    unheld = length - len(chain)
+    if unheld:
+        result.fail(f"{SEGMENT_GAP} no node holds {unheld} of the {length} records")
     for before, after in zip(chain, chain[1:], strict=False):
         if after["prev_hash"] != before["hash"] or after["seq"] != before["seq"] + 1:
             result.fail(f"chain link broken at seq {after['seq']}")
@@ -143,10 +156,16 @@ def check_audit(cluster: Cluster, ledger: Ledger) -> tuple[CheckResult, list[dic
                     f"{attempt.status} {attempt.error_code or ''}".strip())
             elif not attempt.answered:
                 unanswered += 1
-    exact = at_most_one = 0
+    exact = at_most_one = unverifiable = 0
     for request_id, may_be_missing in answered.items():
         count = per_request.get(request_id, 0)
-        if may_be_missing:
+        if count == 0 and request_id in diverged_ids:
+            # Answered, yet its record is only in a node's diverged chain: not committed.
+            result.fail(f"request {request_id} ({asked[request_id]}) has its record only in "
+                        f"{diverged_ids[request_id]}'s diverged chain")
+        elif count == 0 and unheld:
+            unverifiable += 1  # it may be among the records no node's files hold
+        elif may_be_missing:
             at_most_one += 1
             if count > 1:
                 result.fail(f"request {request_id} has {count} audit records")
@@ -173,7 +192,8 @@ def check_audit(cluster: Cluster, ledger: Ledger) -> tuple[CheckResult, list[dic
         "checked_at_most_one (refused without quorum)": at_most_one,
         "of_those_without_record": sum(1 for rid, m in answered.items()
                                        if m and per_request.get(rid, 0) == 0),
-        "records_without_an_answer": len(unknown), "unanswered_attempts": unanswered})
+        "records_without_an_answer": len(unknown), "unanswered_attempts": unanswered,
+        "answered_but_not_checkable (record among those no node holds)": unverifiable})
     return result, chain
 
 
