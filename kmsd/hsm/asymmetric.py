@@ -52,7 +52,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.serialization import (
@@ -60,7 +59,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
     load_der_public_key,
 )
-from pkcs11 import KDF, MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11 import KDF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 from pkcs11.util.ec import (
     encode_ec_public_key,
@@ -71,6 +70,7 @@ from pkcs11.util.ec import (
 from kmsd.hsm import oaep
 from kmsd.hsm.capabilities import (
     ALGORITHM_HASH,
+    CRYPTOGRAPHY_HASH,
     EC_KEY_SPECS,
     ED25519_EC_PARAMS,
     ED25519_EC_PARAMS_NAMED,
@@ -78,12 +78,17 @@ from kmsd.hsm.capabilities import (
     ED25519_PH_SHA_512,
     ED25519_SHA_512,
     ENCRYPTION_ALGORITHMS,
+    HASH_MECHANISM,
     HMAC_KEY_SPECS,
+    HMAC_MECHANISM,
     IN_TOKEN,
     KEY_AGREEMENT_ALGORITHMS,
     KEY_SPECS,
     MAC_ALGORITHMS,
+    MGF_FOR_HASH,
+    PKCS1_MECHANISM,
     PRIVATE_UNWRAP_FIX,
+    PSS_MECHANISM,
     RAW_IN_TOKEN_HOST_DECODING,
     RSA_KEY_SPECS,
     RSASSA_PSS,
@@ -114,19 +119,6 @@ _DIGEST_INFO_PREFIX = {
     "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
     "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
 }
-_HASH_MECHANISM = {"sha1": Mechanism.SHA_1, "sha256": Mechanism.SHA256,
-                   "sha384": Mechanism.SHA384, "sha512": Mechanism.SHA512}
-_MGF = {"sha1": MGF.SHA1, "sha256": MGF.SHA256, "sha384": MGF.SHA384, "sha512": MGF.SHA512}
-_PSS_MECHANISM = {"sha256": Mechanism.SHA256_RSA_PKCS_PSS,
-                  "sha384": Mechanism.SHA384_RSA_PKCS_PSS,
-                  "sha512": Mechanism.SHA512_RSA_PKCS_PSS}
-_PKCS1_MECHANISM = {"sha256": Mechanism.SHA256_RSA_PKCS, "sha384": Mechanism.SHA384_RSA_PKCS,
-                    "sha512": Mechanism.SHA512_RSA_PKCS}
-_HMAC_MECHANISM = {"sha224": Mechanism.SHA224_HMAC, "sha256": Mechanism.SHA256_HMAC,
-                   "sha384": Mechanism.SHA384_HMAC, "sha512": Mechanism.SHA512_HMAC}
-_CRYPTOGRAPHY_HASH: dict[str, type[hashes.HashAlgorithm]] = {
-    "sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384,
-    "sha512": hashes.SHA512}
 # RFC 8410 SubjectPublicKeyInfo for Ed25519: this prefix, then the 32-byte public key.
 _ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
 _SENSITIVE_UNWRAP = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False}
@@ -206,7 +198,7 @@ def verify(public_key_der: bytes, signing_algorithm: str, message: bytes,
             public_key.verify(signature, message)
             return True
         hash_name = ALGORITHM_HASH[signing_algorithm]
-        h = _CRYPTOGRAPHY_HASH[hash_name]()
+        h = CRYPTOGRAPHY_HASH[hash_name]()
         chosen: Any = Prehashed(h) if message_type == DIGEST else h
         if isinstance(public_key, ec.EllipticCurvePublicKey):
             public_key.verify(signature, message, ec.ECDSA(chosen))
@@ -239,7 +231,7 @@ def encrypt(public_key_der: bytes, encryption_algorithm: str, plaintext: bytes) 
     if len(plaintext) > limit:
         raise InvalidInput(f"{encryption_algorithm} with {key_spec} encrypts at most "
                            f"{limit} bytes, got {len(plaintext)}")
-    h = _CRYPTOGRAPHY_HASH[ALGORITHM_HASH[encryption_algorithm]]
+    h = CRYPTOGRAPHY_HASH[ALGORITHM_HASH[encryption_algorithm]]
     return bytes(public_key.encrypt(plaintext, padding.OAEP(padding.MGF1(h()), h(), None)))
 
 
@@ -261,12 +253,12 @@ def _sign_rsa(handle: Any, signing_algorithm: str, message: bytes, message_type:
     hash_name = ALGORITHM_HASH[signing_algorithm]
     if signing_algorithm in RSASSA_PSS:
         # Explicit parameters: python-pkcs11 defaults to SHA-1/MGF1-SHA1/salt 20 (FACTS §C.1).
-        params = (_HASH_MECHANISM[hash_name], _MGF[hash_name],
+        params = (HASH_MECHANISM[hash_name], MGF_FOR_HASH[hash_name],
                   hashlib.new(hash_name).digest_size)
-        mechanism = _PSS_MECHANISM[hash_name] if message_type == RAW else Mechanism.RSA_PKCS_PSS
+        mechanism = PSS_MECHANISM[hash_name] if message_type == RAW else Mechanism.RSA_PKCS_PSS
         return bytes(handle.sign(message, mechanism=mechanism, mechanism_param=params))
     if message_type == RAW:
-        return bytes(handle.sign(message, mechanism=_PKCS1_MECHANISM[hash_name]))
+        return bytes(handle.sign(message, mechanism=PKCS1_MECHANISM[hash_name]))
     return bytes(handle.sign(_DIGEST_INFO_PREFIX[hash_name] + message,
                              mechanism=Mechanism.RSA_PKCS))
 
@@ -495,7 +487,7 @@ class AsymmetricKeys:
             try:
                 return bytes(handle.decrypt(
                     ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP,
-                    mechanism_param=(_HASH_MECHANISM[hash_name], _MGF[hash_name], None)))
+                    mechanism_param=(HASH_MECHANISM[hash_name], MGF_FOR_HASH[hash_name], None)))
             except PKCS11Error:
                 raise HsmAuthenticationFailed() from None
         if path != RAW_IN_TOKEN_HOST_DECODING:
@@ -555,7 +547,7 @@ class AsymmetricKeys:
         handle = self._handle(wrapped_key, key_spec)
         try:
             return bytes(handle.sign(message,
-                                     mechanism=_HMAC_MECHANISM[ALGORITHM_HASH[mac_algorithm]]))
+                                     mechanism=HMAC_MECHANISM[ALGORITHM_HASH[mac_algorithm]]))
         except PKCS11Error as exc:
             raise HsmError(f"token {self.partition.token_label!r} failed {mac_algorithm} "
                            f"({type(exc).__name__})") from None

@@ -121,20 +121,20 @@ ALL_SIGNING_ALGORITHMS: tuple[str, ...] = (*RSASSA_PSS, *RSASSA_PKCS1, *ECDSA, E
                                            ED25519_PH_SHA_512, "ML_DSA_SHAKE_256", "SM2DSA")
 ALL_ENCRYPTION_ALGORITHMS: tuple[str, ...] = (*RSAES_OAEP, "SM2PKE")
 
-# The mechanisms kmsd uses per hash (python-pkcs11 names).
-_HASH_MECHANISM = {"sha1": Mechanism.SHA_1, "sha224": Mechanism.SHA224,
+# The mechanisms kmsd uses per hash (python-pkcs11 names); asymmetric.py uses them too.
+HASH_MECHANISM = {"sha1": Mechanism.SHA_1, "sha224": Mechanism.SHA224,
                    "sha256": Mechanism.SHA256, "sha384": Mechanism.SHA384,
                    "sha512": Mechanism.SHA512}
-_MGF = {"sha1": MGF.SHA1, "sha224": MGF.SHA224, "sha256": MGF.SHA256, "sha384": MGF.SHA384,
+MGF_FOR_HASH = {"sha1": MGF.SHA1, "sha224": MGF.SHA224, "sha256": MGF.SHA256, "sha384": MGF.SHA384,
         "sha512": MGF.SHA512}
-_PSS_MECHANISM = {"sha256": Mechanism.SHA256_RSA_PKCS_PSS,
+PSS_MECHANISM = {"sha256": Mechanism.SHA256_RSA_PKCS_PSS,
                   "sha384": Mechanism.SHA384_RSA_PKCS_PSS,
                   "sha512": Mechanism.SHA512_RSA_PKCS_PSS}
-_PKCS1_MECHANISM = {"sha256": Mechanism.SHA256_RSA_PKCS, "sha384": Mechanism.SHA384_RSA_PKCS,
+PKCS1_MECHANISM = {"sha256": Mechanism.SHA256_RSA_PKCS, "sha384": Mechanism.SHA384_RSA_PKCS,
                     "sha512": Mechanism.SHA512_RSA_PKCS}
-_HMAC_MECHANISM = {"sha224": Mechanism.SHA224_HMAC, "sha256": Mechanism.SHA256_HMAC,
+HMAC_MECHANISM = {"sha224": Mechanism.SHA224_HMAC, "sha256": Mechanism.SHA256_HMAC,
                    "sha384": Mechanism.SHA384_HMAC, "sha512": Mechanism.SHA512_HMAC}
-_CRYPTOGRAPHY_HASH: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+CRYPTOGRAPHY_HASH: dict[str, Callable[[], hashes.HashAlgorithm]] = {
     "sha1": hashes.SHA1, "sha224": hashes.SHA224, "sha256": hashes.SHA256,
     "sha384": hashes.SHA384, "sha512": hashes.SHA512}
 
@@ -290,8 +290,8 @@ def _probe_rsa(p: _Probe) -> None:
     for algorithm in RSASSA_PSS + RSASSA_PKCS1:
         hash_name = ALGORITHM_HASH[algorithm]
         pss = algorithm in RSASSA_PSS
-        needed = ((_PSS_MECHANISM[hash_name], Mechanism.RSA_PKCS_PSS) if pss
-                  else (_PKCS1_MECHANISM[hash_name], Mechanism.RSA_PKCS))
+        needed = ((PSS_MECHANISM[hash_name], Mechanism.RSA_PKCS_PSS) if pss
+                  else (PKCS1_MECHANISM[hash_name], Mechanism.RSA_PKCS))
         if private is None or public_key is None:
             p.add(KIND_SIGNING, algorithm, UNSUPPORTED, keys_detail)
             continue
@@ -336,14 +336,14 @@ def _probe_oaep(p: _Probe, private: Any, public_key: rsa.RSAPublicKey,
                 algorithm: str) -> tuple[str, str]:
     hash_name = ALGORITHM_HASH[algorithm]
     message = b"kmsd capability probe"
-    h = _CRYPTOGRAPHY_HASH[hash_name]
+    h = CRYPTOGRAPHY_HASH[hash_name]
     ciphertext = public_key.encrypt(message, padding.OAEP(padding.MGF1(h()), h(), None))
     in_token_failure = "token lists no CKM_RSA_PKCS_OAEP"
     if p.has(Mechanism.RSA_PKCS_OAEP):
         try:
             plaintext = bytes(private.decrypt(
                 ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP,
-                mechanism_param=(_HASH_MECHANISM[hash_name], _MGF[hash_name], None)))
+                mechanism_param=(HASH_MECHANISM[hash_name], MGF_FOR_HASH[hash_name], None)))
             if plaintext == message:
                 return IN_TOKEN, f"CKM_RSA_PKCS_OAEP, {hash_name.upper()}/MGF1-{hash_name.upper()}"
             in_token_failure = "CKM_RSA_PKCS_OAEP returned a wrong plaintext"
@@ -503,7 +503,7 @@ def _probe_ed25519(p: _Probe) -> None:
 def _probe_hmac(p: _Probe) -> None:
     for (spec, bits), algorithm in zip(HMAC_KEY_SPECS.items(), HMAC_ALGORITHMS, strict=True):
         hash_name = ALGORITHM_HASH[algorithm]
-        mechanism = _HMAC_MECHANISM[hash_name]
+        mechanism = HMAC_MECHANISM[hash_name]
         needed = (Mechanism.GENERIC_SECRET_KEY_GEN, mechanism, Mechanism.AES_KEY_WRAP_PAD)
         if not p.has(*needed):
             p.add(KIND_KEY_SPEC, spec, UNSUPPORTED, p.missing(*needed))
