@@ -242,3 +242,25 @@ def stored_views(path: str) -> list[bytes]:
     text = raw.decode("utf-8", "replace")
     views.append(bytes(ord(ch) if ord(ch) < 256 else 0 for ch in text))
     return views
+
+
+DAY = 86400
+
+
+def advance_clock(cluster: Cluster, days: float) -> None:
+    """Move every node's proposer clock forward (clusters started with --test-clock)."""
+    cluster.info["offset"] = cluster.info.get("offset", 0.0) + days * DAY
+    for path in cluster.info["clock_offset_files"]:
+        with open(path, "w") as handle:
+            handle.write(str(cluster.info["offset"]))
+
+
+def error_of(call: Callable[[], Any]) -> tuple[str, str]:
+    """The AWS error code and message a call fails with (it must fail)."""
+    import pytest
+    from botocore.exceptions import ClientError
+
+    with pytest.raises(ClientError) as excinfo:
+        call()
+    error = excinfo.value.response["Error"]
+    return error["Code"], error.get("Message", "")

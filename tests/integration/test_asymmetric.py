@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
@@ -39,7 +38,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_der_public_key,
 )
 
-from tests.integration.harness import Cluster, stored_views, wait_for
+from tests.integration.harness import Cluster, error_of, stored_views, wait_for
 
 MESSAGE = b"kmsd asymmetric integration test " * 4
 HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
@@ -52,13 +51,6 @@ ECDSA = {"ECC_NIST_P256": "ECDSA_SHA_256", "ECC_NIST_P384": "ECDSA_SHA_384",
          "ECC_NIST_P521": "ECDSA_SHA_512", "ECC_SECG_P256K1": "ECDSA_SHA_256"}
 ALGORITHM_MEMBERS = ("EncryptionAlgorithms", "SigningAlgorithms", "MacAlgorithms",
                      "KeyAgreementAlgorithms")
-
-
-def code_of(call: Callable[[], Any]) -> tuple[str, str]:
-    with pytest.raises(ClientError) as excinfo:
-        call()
-    error = excinfo.value.response["Error"]
-    return error["Code"], error.get("Message", "")
 
 
 def hash_of(algorithm: str) -> hashes.HashAlgorithm:
@@ -139,7 +131,7 @@ def test_create_key_and_its_metadata(cluster: Cluster, key: Callable[..., dict[s
         assert {m: described[m] for m in ALGORITHM_MEMBERS if m in described} == algorithms
         assert "CurrentKeyMaterialId" not in described
     if key_usage == "GENERATE_VERIFY_MAC":
-        assert code_of(lambda: cluster.client(1).get_public_key(KeyId=created["KeyId"]))[0] \
+        assert error_of(lambda: cluster.client(1).get_public_key(KeyId=created["KeyId"]))[0] \
             == "UnsupportedOperationException"
         return
     public = cluster.client(2).get_public_key(KeyId=created["Arn"])
@@ -157,7 +149,7 @@ def test_create_key_and_its_metadata(cluster: Cluster, key: Callable[..., dict[s
 
 
 def test_symmetric_keys_have_no_public_key(cluster: Cluster, symmetric_key: str) -> None:
-    assert code_of(lambda: cluster.client(0).get_public_key(KeyId=symmetric_key))[0] == \
+    assert error_of(lambda: cluster.client(0).get_public_key(KeyId=symmetric_key))[0] == \
         "UnsupportedOperationException"
 
 
@@ -169,7 +161,7 @@ def test_symmetric_keys_have_no_public_key(cluster: Cluster, symmetric_key: str)
 def test_key_specs_the_token_cannot_hold_are_refused(cluster: Cluster, key_spec: str,
                                                      key_usage: str) -> None:
     before = len(cluster.client(0).list_keys(Limit=1000)["Keys"])
-    code, message = code_of(lambda: cluster.client(0).create_key(KeySpec=key_spec,
+    code, message = error_of(lambda: cluster.client(0).create_key(KeySpec=key_spec,
                                                                  KeyUsage=key_usage))
     assert code == "UnsupportedOperationException"
     assert key_spec in message and "kmsd-node-1" in message   # names the spec and the token
@@ -193,7 +185,7 @@ def test_wrong_key_usage_for_a_key_spec(cluster: Cluster, key_spec: str, key_usa
     params: dict[str, str] = {"KeySpec": key_spec}
     if key_usage is not None:
         params["KeyUsage"] = key_usage
-    assert code_of(lambda: cluster.client(1).create_key(**params)) == \
+    assert error_of(lambda: cluster.client(1).create_key(**params)) == \
         ("ValidationException", message)
 
 
@@ -201,7 +193,7 @@ def test_rotation_stays_symmetric_only(cluster: Cluster,
                                        key: Callable[..., dict[str, Any]]) -> None:
     for key_id in (key("ECC_NIST_P256", "SIGN_VERIFY")["KeyId"],
                    key("HMAC_256", "GENERATE_VERIFY_MAC")["KeyId"]):
-        assert code_of(lambda k=key_id: cluster.client(0).enable_key_rotation(KeyId=k))[0] == \
+        assert error_of(lambda k=key_id: cluster.client(0).enable_key_rotation(KeyId=k))[0] == \
             "UnsupportedOperationException"
 
 
@@ -236,7 +228,7 @@ def test_signatures_verify_with_the_public_key(cluster: Cluster,
         # KMSInvalidSignatureException exception."
         tampered = bytearray(signed["Signature"])
         tampered[len(tampered) // 2] ^= 0x01
-        assert code_of(lambda m=message, t=message_type, s=bytes(tampered):
+        assert error_of(lambda m=message, t=message_type, s=bytes(tampered):
                        cluster.client(1).verify(KeyId=key_id, Message=m, MessageType=t,
                                                 Signature=s, SigningAlgorithm=algorithm))[0] \
             == "KMSInvalidSignatureException"
@@ -248,46 +240,46 @@ def test_sign_refusals(cluster: Cluster, key: Callable[..., dict[str, Any]],
     rsa_signing = key("RSA_2048", "SIGN_VERIFY")
     client = cluster.client(1)
     # The wrong algorithm for the key spec.
-    assert code_of(lambda: client.sign(KeyId=p256["KeyId"], Message=MESSAGE,
+    assert error_of(lambda: client.sign(KeyId=p256["KeyId"], Message=MESSAGE,
                                        SigningAlgorithm="ECDSA_SHA_384")) == \
         ("InvalidKeyUsageException",
          "Algorithm ECDSA_SHA_384 is incompatible with key spec ECC_NIST_P256.")
-    assert code_of(lambda: client.sign(KeyId=rsa_signing["KeyId"], Message=MESSAGE,
+    assert error_of(lambda: client.sign(KeyId=rsa_signing["KeyId"], Message=MESSAGE,
                                        SigningAlgorithm="ECDSA_SHA_256"))[0] == \
         "InvalidKeyUsageException"
-    assert code_of(lambda: client.verify(KeyId=p256["KeyId"], Message=MESSAGE, Signature=b"x",
+    assert error_of(lambda: client.verify(KeyId=p256["KeyId"], Message=MESSAGE, Signature=b"x",
                                          SigningAlgorithm="RSASSA_PSS_SHA_256"))[0] == \
         "InvalidKeyUsageException"
     # MessageType DIGEST: the digest must be exactly the hash's length.
     for bad in (b"\x00" * 31, b"\x00" * 33, b"\x00" * 64):
-        assert code_of(lambda d=bad: client.sign(
+        assert error_of(lambda d=bad: client.sign(
             KeyId=p256["KeyId"], Message=d, MessageType="DIGEST",
             SigningAlgorithm="ECDSA_SHA_256")) == \
             ("ValidationException", "Digest is invalid length for algorithm ECDSA_SHA_256.")
-    assert code_of(lambda: client.sign(
+    assert error_of(lambda: client.sign(
         KeyId=rsa_signing["KeyId"], Message=b"\x01" * 32, MessageType="DIGEST",
         SigningAlgorithm="RSASSA_PSS_SHA_512"))[1] == \
         "Digest is invalid length for algorithm RSASSA_PSS_SHA_512."
     # Sign, Message: "Length Constraints: Minimum length of 1. Maximum length of 4096."
     client.sign(KeyId=p256["KeyId"], Message=b"m" * 4096, SigningAlgorithm="ECDSA_SHA_256")
-    code, message = code_of(lambda: client.sign(KeyId=p256["KeyId"], Message=b"m" * 4097,
+    code, message = error_of(lambda: client.sign(KeyId=p256["KeyId"], Message=b"m" * 4097,
                                                 SigningAlgorithm="ECDSA_SHA_256"))
     assert code == "ValidationException" and "less than or equal to 4096" in message
     # Keys of another usage.
     for other, usage in ((key("RSA_2048", "ENCRYPT_DECRYPT"), "ENCRYPT_DECRYPT"),
                          (key("ECC_NIST_P256", "KEY_AGREEMENT"), "KEY_AGREEMENT"),
                          (key("HMAC_256", "GENERATE_VERIFY_MAC"), "GENERATE_VERIFY_MAC")):
-        assert code_of(lambda o=other: client.sign(KeyId=o["KeyId"], Message=MESSAGE,
+        assert error_of(lambda o=other: client.sign(KeyId=o["KeyId"], Message=MESSAGE,
                                                    SigningAlgorithm="ECDSA_SHA_256")) == \
             ("InvalidKeyUsageException",
              f"{other['Arn']} key usage is {usage} which is not valid for Sign.")
     symmetric_arn = client.describe_key(KeyId=symmetric_key)["KeyMetadata"]["Arn"]
-    assert code_of(lambda: client.verify(KeyId=symmetric_key, Message=MESSAGE, Signature=b"s",
+    assert error_of(lambda: client.verify(KeyId=symmetric_key, Message=MESSAGE, Signature=b"s",
                                          SigningAlgorithm="ECDSA_SHA_256")) == \
         ("InvalidKeyUsageException",
          f"{symmetric_arn} key usage is ENCRYPT_DECRYPT which is not valid for Verify.")
     # DryRun: every check, no signature.
-    assert code_of(lambda: client.sign(KeyId=p256["KeyId"], Message=MESSAGE, DryRun=True,
+    assert error_of(lambda: client.sign(KeyId=p256["KeyId"], Message=MESSAGE, DryRun=True,
                                        SigningAlgorithm="ECDSA_SHA_256"))[0] == \
         "DryRunOperationException"
 
@@ -298,10 +290,10 @@ def test_disabled_keys_neither_sign_nor_show_their_public_key(
                                           KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]
     cluster.client(1).sign(KeyId=key_id, Message=MESSAGE, SigningAlgorithm="ECDSA_SHA_256")
     cluster.client(0).disable_key(KeyId=key_id)
-    wait_for(lambda: code_of(lambda: cluster.client(2).sign(
+    wait_for(lambda: error_of(lambda: cluster.client(2).sign(
         KeyId=key_id, Message=MESSAGE, SigningAlgorithm="ECDSA_SHA_256"))[0] ==
         "DisabledException", 10, what="the disabled key refused")
-    assert code_of(lambda: cluster.client(1).get_public_key(KeyId=key_id))[0] == \
+    assert error_of(lambda: cluster.client(1).get_public_key(KeyId=key_id))[0] == \
         "DisabledException"
     cluster.client(0).enable_key(KeyId=key_id)
     wait_for(lambda: cluster.client(2).sign(KeyId=key_id, Message=MESSAGE,
@@ -322,7 +314,7 @@ def test_identity_policies_govern_sign_and_verify(cluster: Cluster,
     assert as_user.verify(KeyId=signing["KeyId"], Message=MESSAGE, Signature=signature,
                           SigningAlgorithm="ECDSA_SHA_384")["SignatureValid"]
     assert as_user.get_public_key(KeyId=signing["KeyId"])["PublicKey"]
-    assert code_of(lambda: as_user.sign(KeyId=signing["KeyId"], Message=MESSAGE,
+    assert error_of(lambda: as_user.sign(KeyId=signing["KeyId"], Message=MESSAGE,
                                         SigningAlgorithm="ECDSA_SHA_384"))[0] == \
         "AccessDeniedException"
 
@@ -360,7 +352,7 @@ def test_rsa_ciphertexts_made_locally_decrypt_through_kmsd(
         assert cluster.client(1).decrypt(CiphertextBlob=encrypted["CiphertextBlob"],
                                          KeyId=created["Arn"], EncryptionAlgorithm=algorithm
                                          )["Plaintext"] == plaintext
-    code, message = code_of(lambda: cluster.client(0).encrypt(
+    code, message = error_of(lambda: cluster.client(0).encrypt(
         KeyId=created["KeyId"], Plaintext=b"x" * (limit + 1), EncryptionAlgorithm=algorithm))
     assert (code, message) == ("ValidationException",
                                f"Algorithm {algorithm} and key spec RSA_2048 cannot encrypt "
@@ -370,7 +362,7 @@ def test_rsa_ciphertexts_made_locally_decrypt_through_kmsd(
     ciphertext = public_key.encrypt(b"secret", oaep(algorithm))
     damaged = bytes([ciphertext[0] ^ 1]) + ciphertext[1:]
     for blob, used in ((ciphertext, other), (damaged, algorithm), (ciphertext[:-1], algorithm)):
-        assert code_of(lambda b=blob, u=used: cluster.client(1).decrypt(
+        assert error_of(lambda b=blob, u=used: cluster.client(1).decrypt(
             CiphertextBlob=b, KeyId=created["KeyId"], EncryptionAlgorithm=u)) == \
             ("InvalidCiphertextException", "")
 
@@ -382,42 +374,42 @@ def test_rsa_encryption_refusals(cluster: Cluster, key: Callable[..., dict[str, 
     ciphertext = client.encrypt(KeyId=created["KeyId"], Plaintext=b"p",
                                 EncryptionAlgorithm="RSAES_OAEP_SHA_256")["CiphertextBlob"]
     # Decrypt: "you must specify the KeyId parameter and the EncryptionAlgorithm parameter".
-    assert code_of(lambda: client.decrypt(CiphertextBlob=ciphertext,
+    assert error_of(lambda: client.decrypt(CiphertextBlob=ciphertext,
                                           EncryptionAlgorithm="RSAES_OAEP_SHA_256"))[0] == \
         "ValidationException"
-    assert code_of(lambda: client.decrypt(CiphertextBlob=ciphertext,
+    assert error_of(lambda: client.decrypt(CiphertextBlob=ciphertext,
                                           KeyId=created["KeyId"]))[0] == \
         "InvalidCiphertextException"
     # Algorithms of another key spec, both ways.
-    assert code_of(lambda: client.encrypt(KeyId=created["KeyId"], Plaintext=b"p")) == \
+    assert error_of(lambda: client.encrypt(KeyId=created["KeyId"], Plaintext=b"p")) == \
         ("InvalidKeyUsageException",
          "Algorithm SYMMETRIC_DEFAULT is incompatible with key spec RSA_2048.")
-    assert code_of(lambda: client.encrypt(KeyId=symmetric_key, Plaintext=b"p",
+    assert error_of(lambda: client.encrypt(KeyId=symmetric_key, Plaintext=b"p",
                                           EncryptionAlgorithm="RSAES_OAEP_SHA_1"))[0] == \
         "InvalidKeyUsageException"
-    assert code_of(lambda: client.decrypt(CiphertextBlob=ciphertext, KeyId=symmetric_key,
+    assert error_of(lambda: client.decrypt(CiphertextBlob=ciphertext, KeyId=symmetric_key,
                                           EncryptionAlgorithm="RSAES_OAEP_SHA_256")) == \
         ("InvalidKeyUsageException",
          "Algorithm RSAES_OAEP_SHA_256 is incompatible with key spec SYMMETRIC_DEFAULT.")
     # No encryption context with asymmetric keys.
-    assert code_of(lambda: client.encrypt(KeyId=created["KeyId"], Plaintext=b"p",
+    assert error_of(lambda: client.encrypt(KeyId=created["KeyId"], Plaintext=b"p",
                                           EncryptionAlgorithm="RSAES_OAEP_SHA_1",
                                           EncryptionContext={"a": "b"}))[0] == \
         "ValidationException"
     # A signing key does not encrypt; an RSA key makes no data keys.
     signing = key("RSA_2048", "SIGN_VERIFY")
-    assert code_of(lambda: client.encrypt(KeyId=signing["KeyId"], Plaintext=b"p",
+    assert error_of(lambda: client.encrypt(KeyId=signing["KeyId"], Plaintext=b"p",
                                           EncryptionAlgorithm="RSAES_OAEP_SHA_1")) == \
         ("InvalidKeyUsageException",
          f"{signing['Arn']} key usage is SIGN_VERIFY which is not valid for Encrypt.")
-    assert code_of(lambda: client.generate_data_key(KeyId=created["KeyId"],
+    assert error_of(lambda: client.generate_data_key(KeyId=created["KeyId"],
                                                     KeySpec="AES_256")) == \
         ("InvalidKeyUsageException",
          f"{created['Arn']} key KeySpec is RSA_2048 which is not valid for GenerateDataKey.")
-    assert code_of(lambda: client.encrypt(KeyId=created["KeyId"], Plaintext=b"p", DryRun=True,
+    assert error_of(lambda: client.encrypt(KeyId=created["KeyId"], Plaintext=b"p", DryRun=True,
                                           EncryptionAlgorithm="RSAES_OAEP_SHA_1"))[0] == \
         "DryRunOperationException"
-    assert code_of(lambda: client.decrypt(CiphertextBlob=ciphertext, KeyId=created["KeyId"],
+    assert error_of(lambda: client.decrypt(CiphertextBlob=ciphertext, KeyId=created["KeyId"],
                                           EncryptionAlgorithm="RSAES_OAEP_SHA_256",
                                           DryRun=True))[0] == "DryRunOperationException"
 
@@ -447,7 +439,7 @@ def test_re_encrypt_between_symmetric_and_rsa_keys(cluster: Cluster,
     assert cluster.client(0).decrypt(CiphertextBlob=back["CiphertextBlob"],
                                      EncryptionContext={"back": "again"})["Plaintext"] == \
         plaintext
-    assert code_of(lambda: cluster.client(1).re_encrypt(
+    assert error_of(lambda: cluster.client(1).re_encrypt(
         CiphertextBlob=blob, SourceEncryptionContext={"k": "v"},
         DestinationKeyId=created["KeyId"]))[0] == "InvalidKeyUsageException"
 
@@ -475,15 +467,15 @@ def test_hmac(cluster: Cluster, key: Callable[..., dict[str, Any]], bits: int) -
     for bad_mac, message in ((tampered, MESSAGE), (made["Mac"], MESSAGE + b"!"),
                              (made["Mac"][:-1], MESSAGE)):
         # VerifyMac: "If the MAC verification fails, ... a KMSInvalidMacException".
-        assert code_of(lambda m=bad_mac, g=message: cluster.client(2).verify_mac(
+        assert error_of(lambda m=bad_mac, g=message: cluster.client(2).verify_mac(
             KeyId=created["KeyId"], Message=g, Mac=m, MacAlgorithm=algorithm))[0] == \
             "KMSInvalidMacException"
     wrong = "HMAC_SHA_256" if bits != 256 else "HMAC_SHA_384"
-    assert code_of(lambda: cluster.client(0).generate_mac(
+    assert error_of(lambda: cluster.client(0).generate_mac(
         KeyId=created["KeyId"], Message=MESSAGE, MacAlgorithm=wrong)) == \
         ("InvalidKeyUsageException", f"Algorithm {wrong} is incompatible with key spec "
                                      f"HMAC_{bits}.")
-    assert code_of(lambda: cluster.client(0).generate_mac(
+    assert error_of(lambda: cluster.client(0).generate_mac(
         KeyId=created["KeyId"], Message=MESSAGE, MacAlgorithm=algorithm, DryRun=True))[0] == \
         "DryRunOperationException"
 
@@ -498,7 +490,7 @@ def test_hmac_keys_are_distinct_and_mac_needs_a_mac_key(
             for k in (first, other)}
     assert len(macs) == 2
     signing = key("ECC_NIST_P256", "SIGN_VERIFY")
-    assert code_of(lambda: cluster.client(0).generate_mac(
+    assert error_of(lambda: cluster.client(0).generate_mac(
         KeyId=signing["KeyId"], Message=MESSAGE, MacAlgorithm="HMAC_SHA_256")) == \
         ("InvalidKeyUsageException",
          f"{signing['Arn']} key usage is SIGN_VERIFY which is not valid for GenerateMac.")
@@ -533,10 +525,10 @@ def test_ecdh_matches_the_peer_side(cluster: Cluster, key: Callable[..., dict[st
     edwards = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
         Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     for bad in (wrong, edwards, b"not a public key", peer_der[:-1]):
-        assert code_of(lambda b=bad: cluster.client(0).derive_shared_secret(
+        assert error_of(lambda b=bad: cluster.client(0).derive_shared_secret(
             KeyId=created["KeyId"], KeyAgreementAlgorithm="ECDH", PublicKey=b))[0] == \
             "ValidationException"
-    assert code_of(lambda: cluster.client(0).derive_shared_secret(
+    assert error_of(lambda: cluster.client(0).derive_shared_secret(
         KeyId=created["KeyId"], KeyAgreementAlgorithm="ECDH", PublicKey=peer_der,
         DryRun=True))[0] == "DryRunOperationException"
 
@@ -547,11 +539,11 @@ def test_key_agreement_needs_a_key_agreement_key(cluster: Cluster,
     agreeing = key("ECC_NIST_P256", "KEY_AGREEMENT")
     peer_der = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
         Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    assert code_of(lambda: cluster.client(0).derive_shared_secret(
+    assert error_of(lambda: cluster.client(0).derive_shared_secret(
         KeyId=signing["KeyId"], KeyAgreementAlgorithm="ECDH", PublicKey=peer_der)) == \
         ("InvalidKeyUsageException",
          f"{signing['Arn']} key usage is SIGN_VERIFY which is not valid for DeriveSharedSecret.")
-    assert code_of(lambda: cluster.client(0).sign(
+    assert error_of(lambda: cluster.client(0).sign(
         KeyId=agreeing["KeyId"], Message=MESSAGE, SigningAlgorithm="ECDSA_SHA_256"))[0] == \
         "InvalidKeyUsageException"
 
@@ -579,7 +571,7 @@ def test_data_key_pairs(cluster: Cluster, symmetric_key: str, key_pair_spec: str
     decrypted = cluster.client(1).decrypt(CiphertextBlob=pair["PrivateKeyCiphertextBlob"],
                                           EncryptionContext=context)
     assert decrypted["Plaintext"] == pair["PrivateKeyPlaintext"]
-    assert code_of(lambda: cluster.client(1).decrypt(
+    assert error_of(lambda: cluster.client(1).decrypt(
         CiphertextBlob=pair["PrivateKeyCiphertextBlob"]))[0] == "InvalidCiphertextException"
 
     without = cluster.client(2).generate_data_key_pair_without_plaintext(
@@ -597,18 +589,18 @@ def test_data_key_pair_refusals(cluster: Cluster, key: Callable[..., dict[str, A
                                 symmetric_key: str) -> None:
     client = cluster.client(1)
     for spec in ("SM2", "ML_KEM_768"):
-        code, message = code_of(lambda s=spec: client.generate_data_key_pair(
+        code, message = error_of(lambda s=spec: client.generate_data_key_pair(
             KeyId=symmetric_key, KeyPairSpec=s))
         assert code == "UnsupportedOperationException" and spec in message
     rsa_key = key("RSA_2048", "ENCRYPT_DECRYPT")
-    assert code_of(lambda: client.generate_data_key_pair(
+    assert error_of(lambda: client.generate_data_key_pair(
         KeyId=rsa_key["KeyId"], KeyPairSpec="ECC_NIST_P256")) == \
         ("InvalidKeyUsageException",
          f"{rsa_key['Arn']} key KeySpec is RSA_2048 which is not valid for GenerateDataKeyPair.")
     signing = key("ECC_NIST_P256", "SIGN_VERIFY")
-    assert code_of(lambda: client.generate_data_key_pair_without_plaintext(
+    assert error_of(lambda: client.generate_data_key_pair_without_plaintext(
         KeyId=signing["KeyId"], KeyPairSpec="ECC_NIST_P256"))[0] == "InvalidKeyUsageException"
-    assert code_of(lambda: client.generate_data_key_pair(
+    assert error_of(lambda: client.generate_data_key_pair(
         KeyId=symmetric_key, KeyPairSpec="ECC_NIST_P256", DryRun=True))[0] == \
         "DryRunOperationException"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,9 +20,16 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from tests.integration.harness import Cluster, start_cluster, stored_views, wait_for
+from tests.integration.harness import (
+    DAY,
+    Cluster,
+    advance_clock,
+    error_of,
+    start_cluster,
+    stored_views,
+    wait_for,
+)
 
-DAY = 86400
 ALGORITHMS = ("RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256", "RSA_AES_KEY_WRAP_SHA_1",
               "RSA_AES_KEY_WRAP_SHA_256")
 
@@ -35,20 +42,6 @@ def timed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     running.info["materials"] = []
     yield running
     running.stop()
-
-
-def advance(cluster: Cluster, days: float) -> None:
-    cluster.info["offset"] += days * DAY
-    for path in cluster.info["clock_offset_files"]:
-        with open(path, "w") as handle:
-            handle.write(str(cluster.info["offset"]))
-
-
-def code_of(call: Callable[[], Any]) -> tuple[str, str]:
-    with pytest.raises(ClientError) as excinfo:
-        call()
-    error = excinfo.value.response["Error"]
-    return error["Code"], error.get("Message", "")
 
 
 def wrap(public_key_der: bytes, algorithm: str, material: bytes) -> bytes:
@@ -86,16 +79,16 @@ def test_external_key_is_pending_import(timed: Cluster) -> None:
     client = timed.client(1)
     wait_for(lambda: client.describe_key(KeyId=key["KeyId"]) is not None, 20)
     # Key state table footnote [5]: "<arn> is pending import."
-    assert code_of(lambda: client.encrypt(KeyId=key["KeyId"], Plaintext=b"x")) == \
+    assert error_of(lambda: client.encrypt(KeyId=key["KeyId"], Plaintext=b"x")) == \
         ("KMSInvalidStateException", f"{arn} is pending import.")
-    assert code_of(lambda: client.generate_data_key(KeyId=key["KeyId"], KeySpec="AES_256"))[0] \
+    assert error_of(lambda: client.generate_data_key(KeyId=key["KeyId"], KeySpec="AES_256"))[0] \
         == "KMSInvalidStateException"
     for call in (client.enable_key, client.disable_key):
-        assert code_of(lambda c=call: c(KeyId=key["KeyId"]))[0] == "KMSInvalidStateException"
-    assert code_of(lambda: client.enable_key_rotation(KeyId=key["KeyId"]))[0] == \
+        assert error_of(lambda c=call: c(KeyId=key["KeyId"]))[0] == "KMSInvalidStateException"
+    assert error_of(lambda: client.enable_key_rotation(KeyId=key["KeyId"]))[0] == \
         "UnsupportedOperationException"
     normal = timed.client(0).create_key()["KeyMetadata"]
-    assert code_of(lambda: client.get_parameters_for_import(
+    assert error_of(lambda: client.get_parameters_for_import(
         KeyId=normal["KeyId"], WrappingAlgorithm="RSAES_OAEP_SHA_1",
         WrappingKeySpec="RSA_2048"))[0] == "UnsupportedOperationException"
 
@@ -138,10 +131,10 @@ def test_delete_reimport_same_material_and_refuse_other(timed: Cluster) -> None:
     timed.client(1).delete_imported_key_material(KeyId=key["KeyId"])
     described = timed.client(1).describe_key(KeyId=key["KeyId"])["KeyMetadata"]
     assert described["KeyState"] == "PendingImport"
-    assert code_of(lambda: timed.client(1).decrypt(
+    assert error_of(lambda: timed.client(1).decrypt(
         CiphertextBlob=blob, EncryptionContext={"a": "b"}))[0] == "KMSInvalidStateException"
     # Different material: IncorrectKeyMaterialException, and the key stays PendingImport.
-    assert code_of(lambda: import_material(timed, key["KeyId"], os.urandom(32),
+    assert error_of(lambda: import_material(timed, key["KeyId"], os.urandom(32),
                                            "RSA_AES_KEY_WRAP_SHA_1"))[0] == \
         "IncorrectKeyMaterialException"
     assert timed.client(0).describe_key(KeyId=key["KeyId"])["KeyMetadata"]["KeyState"] == \
@@ -173,19 +166,19 @@ def test_invalid_import_tokens(timed: Cluster) -> None:
     client.get_parameters_for_import(KeyId=other["KeyId"], WrappingAlgorithm="RSAES_OAEP_SHA_1",
                                      WrappingKeySpec="RSA_2048")
     for token in (b"garbage", params["ImportToken"][:-1] + b"\x00"):
-        assert code_of(lambda t=token: client.import_key_material(
+        assert error_of(lambda t=token: client.import_key_material(
             KeyId=key["KeyId"], ImportToken=t, EncryptedKeyMaterial=encrypted,
             ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE"))[0] == "InvalidImportTokenException"
     # Bound to its key: the same token for another key is invalid.
-    assert code_of(lambda: client.import_key_material(
+    assert error_of(lambda: client.import_key_material(
         KeyId=other["KeyId"], ImportToken=params["ImportToken"], EncryptedKeyMaterial=encrypted,
         ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE"))[0] == "InvalidImportTokenException"
     # Garbage material under a valid token: one opaque answer.
-    assert code_of(lambda: client.import_key_material(
+    assert error_of(lambda: client.import_key_material(
         KeyId=key["KeyId"], ImportToken=params["ImportToken"], EncryptedKeyMaterial=os.urandom(256),
         ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE"))[0] == "InvalidCiphertextException"
-    advance(timed, 1.01)
-    assert code_of(lambda: client.import_key_material(
+    advance_clock(timed, 1.01)
+    assert error_of(lambda: client.import_key_material(
         KeyId=key["KeyId"], ImportToken=params["ImportToken"], EncryptedKeyMaterial=encrypted,
         ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE"))[0] == "ExpiredImportTokenException"
 
@@ -201,16 +194,16 @@ def test_material_expires_cluster_wide(timed: Cluster) -> None:
     assert described["ExpirationModel"] == "KEY_MATERIAL_EXPIRES"
     assert abs(described["ValidTo"].timestamp() - valid_to.timestamp()) < 1
     blob = timed.client(0).encrypt(KeyId=key["KeyId"], Plaintext=b"short-lived")["CiphertextBlob"]
-    advance(timed, 1)
+    advance_clock(timed, 1)
     time.sleep(1)
     assert timed.client(0).describe_key(KeyId=key["KeyId"])["KeyMetadata"]["KeyState"] == \
         "Enabled"
-    advance(timed, 1.01)
+    advance_clock(timed, 1.01)
     for node in range(timed.size):
         wait_for(lambda n=node: timed.client(n).describe_key(
             KeyId=key["KeyId"])["KeyMetadata"]["KeyState"] == "PendingImport", 30,
             what=f"expiry on node {node}")
-        assert code_of(lambda n=node: timed.client(n).decrypt(CiphertextBlob=blob))[0] == \
+        assert error_of(lambda n=node: timed.client(n).decrypt(CiphertextBlob=blob))[0] == \
             "KMSInvalidStateException"
     import_material(timed, key["KeyId"], material)
     assert timed.client(1).decrypt(CiphertextBlob=blob)["Plaintext"] == b"short-lived"

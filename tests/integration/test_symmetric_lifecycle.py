@@ -16,9 +16,14 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.integration.harness import Cluster, start_cluster, stored_views, wait_for
-
-DAY = 86400
+from tests.integration.harness import (
+    Cluster,
+    advance_clock,
+    error_of,
+    start_cluster,
+    stored_views,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +33,6 @@ def timed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     running.info["offset"] = 0.0
     yield running
     running.stop()
-
-
-def advance(cluster: Cluster, days: float) -> None:
-    cluster.info["offset"] += days * DAY
-    for path in cluster.info["clock_offset_files"]:
-        with open(path, "w") as handle:
-            handle.write(str(cluster.info["offset"]))
-
-
-def code_of(call: Callable[[], Any]) -> tuple[str, str]:
-    with pytest.raises(ClientError) as excinfo:
-        call()
-    error = excinfo.value.response["Error"]
-    return error["Code"], error.get("Message", "")
 
 
 def code_or_none(call: Callable[[], Any]) -> str | None:
@@ -68,10 +59,10 @@ def test_re_encrypt_between_keys_and_contexts(timed: Cluster) -> None:
                                   EncryptionContext={"to": "b"})
     assert out["Plaintext"] == b"move me" and out["KeyId"] == destination["Arn"]
     # The source context must match; the source key id, when given, must be the right key.
-    assert code_of(lambda: timed.client(1).re_encrypt(
+    assert error_of(lambda: timed.client(1).re_encrypt(
         CiphertextBlob=blob, DestinationKeyId=destination["KeyId"]))[0] == \
         "InvalidCiphertextException"
-    assert code_of(lambda: timed.client(1).re_encrypt(
+    assert error_of(lambda: timed.client(1).re_encrypt(
         CiphertextBlob=blob, SourceEncryptionContext={"from": "a"},
         SourceKeyId=destination["KeyId"], DestinationKeyId=source["KeyId"]))[0] == \
         "IncorrectKeyException"
@@ -89,11 +80,11 @@ def test_dry_run_checks_everything_and_does_nothing(timed: Cluster) -> None:
                      KeyId=key["KeyId"], NumberOfBytes=16, DryRun=True),
                  lambda: client.re_encrypt(CiphertextBlob=blob, DestinationKeyId=key["KeyId"],
                                            DryRun=True)):
-        assert code_of(call) == ("DryRunOperationException",
+        assert error_of(call) == ("DryRunOperationException",
                                  "The request would have succeeded, but the DryRun option is set.")
     # A dry run that would fail answers the failure, not DryRunOperationException.
     client.disable_key(KeyId=key["KeyId"])
-    assert code_of(lambda: client.encrypt(KeyId=key["KeyId"], Plaintext=b"x",
+    assert error_of(lambda: client.encrypt(KeyId=key["KeyId"], Plaintext=b"x",
                                           DryRun=True))[0] == "DisabledException"
 
 
@@ -117,12 +108,12 @@ def test_tags(timed: Cluster) -> None:
              == {"team": "blue", "env": "prod"}, 5, what="tags on node 3")
     client.untag_resource(KeyId=key["KeyId"], TagKeys=["env"])
     assert [t["TagKey"] for t in client.list_resource_tags(KeyId=key["KeyId"])["Tags"]] == ["team"]
-    assert code_of(lambda: client.tag_resource(
+    assert error_of(lambda: client.tag_resource(
         KeyId=key["KeyId"], Tags=[{"TagKey": "aws:reserved", "TagValue": "x"}]))[0] == \
         "TagException"
     many = [{"TagKey": f"k{i:02d}", "TagValue": str(i)} for i in range(49)]
     client.tag_resource(KeyId=key["KeyId"], Tags=many)
-    assert code_of(lambda: client.tag_resource(
+    assert error_of(lambda: client.tag_resource(
         KeyId=key["KeyId"], Tags=[{"TagKey": "one-too-many", "TagValue": "x"}]))[0] == \
         "LimitExceededException"
     seen, marker = [], None
@@ -146,7 +137,7 @@ def test_key_state_table_for_a_disabled_key(timed: Cluster) -> None:
                  lambda: client.rotate_key_on_demand(KeyId=key["KeyId"]),
                  lambda: client.encrypt(KeyId=key["KeyId"], Plaintext=b"x"),
                  lambda: client.generate_data_key(KeyId=key["KeyId"], KeySpec="AES_128")):
-        assert code_of(call) == ("DisabledException", message)
+        assert error_of(call) == ("DisabledException", message)
     # Management calls still work on a disabled key.
     client.tag_resource(KeyId=key["KeyId"], Tags=[{"TagKey": "a", "TagValue": "b"}])
     client.update_key_description(KeyId=key["KeyId"], Description="still manageable")
@@ -182,7 +173,7 @@ def test_schedule_and_cancel_deletion(timed: Cluster) -> None:
                  lambda: client.schedule_key_deletion(KeyId=key["KeyId"]),
                  lambda: client.create_alias(AliasName="alias/to-pending",
                                              TargetKeyId=key["KeyId"])):
-        assert code_of(call) == ("KMSInvalidStateException", pending)
+        assert error_of(call) == ("KMSInvalidStateException", pending)
     assert client.list_resource_tags(KeyId=key["KeyId"])["Tags"] == []
     assert client.get_key_policy(KeyId=key["KeyId"], PolicyName="default")["Policy"]
     cancelled = timed.client(0).cancel_key_deletion(KeyId=key["KeyId"])
@@ -190,10 +181,10 @@ def test_schedule_and_cancel_deletion(timed: Cluster) -> None:
     wait_for(lambda: timed.client(1).describe_key(KeyId=key["KeyId"])["KeyMetadata"]
              ["KeyState"] == "Disabled", 5, what="cancelled deletion leaves the key Disabled")
     # [4] KMSInvalidStateException: <ARN> is not pending deletion.
-    assert code_of(lambda: timed.client(1).cancel_key_deletion(KeyId=key["KeyId"])) == (
+    assert error_of(lambda: timed.client(1).cancel_key_deletion(KeyId=key["KeyId"])) == (
         "KMSInvalidStateException", f"{key['Arn']} is not pending deletion.")
     for window in (6, 31):
-        assert code_of(lambda w=window: timed.client(0).schedule_key_deletion(
+        assert error_of(lambda w=window: timed.client(0).schedule_key_deletion(
             KeyId=key["KeyId"], PendingWindowInDays=w))[0] == "ValidationException"
 
 
@@ -233,7 +224,7 @@ def test_on_demand_rotation_limit(timed: Cluster) -> None:
     key = timed.client(0).create_key()["KeyMetadata"]
     for _ in range(10):
         timed.client(0).rotate_key_on_demand(KeyId=key["KeyId"])
-    assert code_of(lambda: timed.client(0).rotate_key_on_demand(KeyId=key["KeyId"]))[0] == \
+    assert error_of(lambda: timed.client(0).rotate_key_on_demand(KeyId=key["KeyId"]))[0] == \
         "LimitExceededException"
 
 
@@ -268,17 +259,17 @@ def test_deletion_after_the_window_destroys_the_material_everywhere(timed: Clust
     assert len(materials) == 2
     assert _files_holding(timed, materials), "the test cannot see the wrapped material at all"
     timed.client(2).schedule_key_deletion(KeyId=key["KeyId"], PendingWindowInDays=7)
-    advance(timed, 6)
+    advance_clock(timed, 6)
     # Not yet: the window has a day to run.
     assert timed.client(0).describe_key(KeyId=key["KeyId"])["KeyMetadata"]["KeyState"] == \
         "PendingDeletion"
-    advance(timed, 1.01)
+    advance_clock(timed, 1.01)
     for node in range(timed.size):
         wait_for(lambda n=node: code_or_none(lambda: timed.client(n).describe_key(
             KeyId=key["KeyId"])) == "NotFoundException", 20, what=f"deletion on node {node}")
-        assert code_of(lambda n=node: timed.client(n).decrypt(CiphertextBlob=blob))[0] == \
+        assert error_of(lambda n=node: timed.client(n).decrypt(CiphertextBlob=blob))[0] == \
             "NotFoundException"
-        assert code_of(lambda n=node: timed.client(n).describe_key(KeyId=alias))[0] == \
+        assert error_of(lambda n=node: timed.client(n).describe_key(KeyId=alias))[0] == \
             "NotFoundException"
     wait_for(lambda: not _files_holding(timed, materials), 30, interval=1,
              what="the deleted key's wrapped material to leave every data dir")
@@ -296,7 +287,7 @@ def test_automatic_rotation_survives_a_leader_change(timed: Cluster) -> None:
     timed.kill(leader)
     survivors = [n for n in range(timed.size) if n != leader]
     wait_for(lambda: timed.leader(among=survivors), 30, what="a new leader")
-    advance(timed, 91)
+    advance_clock(timed, 91)
     rotations = wait_for(lambda: timed.client(survivors[0]).list_key_rotations(
         KeyId=key["KeyId"])["Rotations"] or None, 30, what="an automatic rotation")
     assert [r["RotationType"] for r in rotations] == ["AUTOMATIC"]
