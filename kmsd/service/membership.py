@@ -101,6 +101,10 @@ async def remove(core: ServiceCore, node_id: str) -> None:
     member = core.state.nodes.get(node_id)
     if member is None:
         raise NotFoundException(f"No member named {node_id}.")
+    if core.raft.status().get("leader") == member.raft_address:
+        # pysyncobj's leader refuses to remove itself; the operator moves leadership first.
+        raise ValidationException(f"{node_id} is the Raft leader; stop it or wait for another "
+                                  "leader before removing it.")
     try:
         await core.raft.remove_member(member.raft_address, timeout=15)
     except RaftUnavailable as exc:

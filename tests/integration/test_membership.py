@@ -72,14 +72,22 @@ def test_a_fourth_node_joins_serves_and_a_member_is_removed(
         env = {**os.environ, "AWS_ACCESS_KEY_ID": cluster.info["access_key_id"],
                "AWS_SECRET_ACCESS_KEY": cluster.info["secret_access_key"],
                "KMSD_ADMIN_ENDPOINT": cluster.info["admin_endpoints"][0]}
+        leader = wait_for(lambda: cluster.leader(), 20, what="a leader")
+        victim = next(n for n in (1, 2) if n != leader)  # the leader cannot remove itself
+        if leader in (1, 2):
+            refused = subprocess.run([sys.executable, "-m", "kmsd.kmsctl", "cluster", "remove",
+                                      f"node-{leader + 1}"], env=env, capture_output=True,
+                                     text=True, timeout=60)
+            assert refused.returncode != 0 and "is the Raft leader" in refused.stderr
         removed = subprocess.run([sys.executable, "-m", "kmsd.kmsctl", "cluster", "remove",
-                                  "node-2"], env=env, capture_output=True, text=True,
+                                  f"node-{victim + 1}"], env=env, capture_output=True, text=True,
                                  timeout=60)
         assert removed.returncode == 0, removed.stderr
-        cluster.kill(1)
+        cluster.kill(victim)
         members = cluster.admin(0, "GET", "/v1/cluster/members")["members"]
-        assert sorted(m["node_id"] for m in members) == ["node-1", "node-3", "node-4"]
-        for node in (0, 2, 3):
+        survivors = sorted({"node-1", "node-2", "node-3", "node-4"} - {f"node-{victim + 1}"})
+        assert sorted(m["node_id"] for m in members) == survivors
+        for node in sorted({0, 1, 2, 3} - {victim}):
             created = cluster.client(node, retries=5).create_key()["KeyMetadata"]["KeyId"]
             wait_for(lambda k=created: cluster.client(3).describe_key(KeyId=k), 10,
                      what="writes after the removal")
