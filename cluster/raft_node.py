@@ -35,6 +35,7 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replic
 
 from cluster import commands, journal
 from cluster.state import ApplyResult, KmsState
+from cluster.syncobj_guard import GuardedSyncObj
 
 AppliedListener = Callable[[commands.Command, ApplyResult], None]
 
@@ -105,8 +106,9 @@ class RaftNode:
             logCompactionMinEntries=self.settings.compaction_min_entries,
             logCompactionMinTime=self.settings.compaction_min_seconds,
         )
-        self._syncobj = SyncObj(self.settings.self_address, list(self.settings.peer_addresses),
-                                conf=conf, consumers=[self._consumer])
+        self._syncobj = GuardedSyncObj(self.settings.self_address,
+                                       list(self.settings.peer_addresses),
+                                       conf=conf, consumers=[self._consumer])
         log = self._syncobj._SyncObj__raftLog
         if isinstance(log, journal.ScrubbingFileJournal):
             syncobj = self._syncobj

@@ -1,0 +1,45 @@
+"""pysyncobj's SyncObj with a Raft safety hole of the pinned 0.3.17 closed.
+
+A follower receiving append_entries takes the leader's commit index and moves
+its own to `min(leader_commit, last index of its own log)`. For regular
+batches that is right: the batch's prevLogIdx/prevLogTerm check has just made
+the follower's log a prefix of the leader's. But while the leader streams a
+snapshot (the follower is behind the leader's compacted log), the messages
+carry no prevLogIdx, and pysyncobj still advances the commit index over the
+follower's own, unverified log. A deposed leader that wakes up behind a
+snapshot then applies -- and answers clients for -- entries of its old term
+that the majority never committed and has since overwritten: its audit chain
+diverges and a request is acknowledged without a majority record (found by
+the chaos runs, reproduced in tests/unit/cluster/test_syncobj_guard.py).
+
+`GuardedSyncObj` lets such messages move only what they safely can: the
+snapshot transfer itself, and the leader commit index used for readiness.
+The follower's commit index moves again with the first regular batch after
+the snapshot is installed, once its log is known to match the leader's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pysyncobj import SyncObj
+
+
+class GuardedSyncObj(SyncObj):
+    # The name is pysyncobj's private handler, which SyncObj registers with its
+    # transport through the instance, so this override receives every message.
+    def _SyncObj__onMessageReceived(self, node: Any, message: dict[str, Any]) -> None:  # noqa: N802
+        if message.get("type") != "append_entries" or "prevLogIdx" in message:
+            super()._SyncObj__onMessageReceived(node, message)  # type: ignore[misc]
+            return
+        leader_commit = message.get("commit_index", 0)
+        held = dict(message, commit_index=self._SyncObj__raftCommitIndex)  # type: ignore[attr-defined]
+        super()._SyncObj__onMessageReceived(node, held)  # type: ignore[misc]
+        if message.get("term", -1) < self.raftCurrentTerm:
+            return
+        self._SyncObj__leaderCommitIndex = leader_commit
+        applied = self._SyncObj__raftLastApplied  # type: ignore[attr-defined]
+        if self._SyncObj__raftCommitIndex < applied:  # type: ignore[attr-defined]
+            # An installed snapshot is committed state: its index is committed.
+            self._SyncObj__raftCommitIndex = applied
+            self._SyncObj__raftLog.setRaftCommitIndex(applied)  # type: ignore[attr-defined]

@@ -1,0 +1,109 @@
+"""A follower must not apply its own unverified entries while a leader streams it a snapshot.
+
+These drive pysyncobj's real message handler and apply loop (one SyncObj, no
+auto tick) with the messages a leader sends, in the order the chaos runs
+produced: a deposed leader holds entries of its old term that were never
+committed, and the new leader, whose log is compacted past them, starts a
+snapshot transfer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, replicated
+
+from cluster.syncobj_guard import GuardedSyncObj
+
+
+class _Counter(SyncObjConsumer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.applied = 0
+
+    @replicated
+    def increment(self) -> int:
+        self.applied += 1
+        return self.applied
+
+
+def _follower(cls: type[SyncObj], port: int) -> tuple[SyncObj, _Counter]:
+    counter = _Counter()
+    conf = SyncObjConf(autoTick=False, password="p", dynamicMembershipChange=True)
+    node = cls(f"127.0.0.1:{port}", [f"127.0.0.1:{port + 1}", f"127.0.0.1:{port + 2}"],
+               conf=conf, consumers=[counter])
+    return node, counter
+
+
+def _command_bytes(node: SyncObj, counter: _Counter) -> bytes:
+    counter.increment()  # queued on the node, as a client call would be
+    command, _callback = node._SyncObj__commandsQueue.get_nowait()
+    return command
+
+
+def _deliver(node: SyncObj, message: dict[str, Any]) -> None:
+    sender = sorted(node._SyncObj__otherNodes, key=lambda n: n.id)[0]
+    node._SyncObj__onMessageReceived(sender, message)
+    node.doTick(0.0)
+
+
+def _stale_entries_then_snapshot_start(node: SyncObj, counter: _Counter) -> tuple[int, int]:
+    base = node._SyncObj__getCurrentLogIndex()
+    base_term = node._SyncObj__getCurrentLogTerm()
+    command = _command_bytes(node, counter)
+    # Term 1: the leader sends two entries and crashes before they are committed.
+    _deliver(node, {"type": "append_entries", "term": 1, "commit_index": base,
+                    "entries": [(command, base + 1, 1), (command, base + 2, 1)],
+                    "prevLogIdx": base, "prevLogTerm": base_term})
+    assert counter.applied == 0
+    # Term 2: the new leader committed far beyond, compacted, and starts a snapshot.
+    _deliver(node, {"type": "append_entries", "term": 2, "commit_index": base + 50,
+                    "serialized": None})
+    return base, base_term
+
+
+@pytest.mark.parametrize("port", [21710])
+def test_unguarded_pysyncobj_applies_uncommitted_entries_during_a_snapshot(port: int) -> None:
+    # Pins the hole in the pinned pysyncobj: if this stops failing, the guard is moot.
+    node, counter = _follower(SyncObj, port)
+    try:
+        _stale_entries_then_snapshot_start(node, counter)
+        assert counter.applied == 2
+    finally:
+        node.destroy()
+
+
+@pytest.mark.parametrize("port", [21720])
+def test_guarded_follower_applies_nothing_until_its_log_is_verified(port: int) -> None:
+    node, counter = _follower(GuardedSyncObj, port)
+    try:
+        base, base_term = _stale_entries_then_snapshot_start(node, counter)
+        assert counter.applied == 0
+        status = node.getStatus()
+        assert status["commit_idx"] == base
+        assert status["leader_commit_idx"] == base + 50  # readiness still sees the lag
+
+        # The term-2 leader's regular batch replaces the stale entries; only its entry applies.
+        command = _command_bytes(node, counter)
+        _deliver(node, {"type": "append_entries", "term": 2, "commit_index": base + 1,
+                        "entries": [(command, base + 1, 2)],
+                        "prevLogIdx": base, "prevLogTerm": base_term})
+        assert counter.applied == 1
+        assert node.getStatus()["commit_idx"] == base + 1
+        assert node._SyncObj__getCurrentLogIndex() == base + 1
+    finally:
+        node.destroy()
+
+
+@pytest.mark.parametrize("port", [21730])
+def test_guarded_follower_ignores_snapshot_messages_of_an_older_term(port: int) -> None:
+    node, counter = _follower(GuardedSyncObj, port)
+    try:
+        base, _ = _stale_entries_then_snapshot_start(node, counter)
+        _deliver(node, {"type": "append_entries", "term": 1, "commit_index": base + 99,
+                        "serialized": None})
+        assert node.getStatus()["leader_commit_idx"] == base + 50
+        assert counter.applied == 0
+    finally:
+        node.destroy()
