@@ -3,6 +3,7 @@ and the shape of the time series it writes (the kill, the new leader, successes 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -28,7 +29,7 @@ def test_one_round_records_the_dip_and_the_recovery(tmp_path) -> None:
     marks = round_["marks_s"]
     assert marks["kill"] < marks["new_leader"] < marks["restart"] < marks["restarted_ready"]
     series = round_["series"]
-    assert all(b["t"] < a["t"] for b, a in zip(series, series[1:]))
+    assert all(b["t"] < a["t"] for b, a in itertools.pairwise(series))
     before = sum(r["ok_per_s"] for r in series if r["t"] < marks["kill"])
     after = sum(r["ok_per_s"] for r in series if r["t"] > marks["new_leader"] + 1)
     assert before > 0 and after > 0
