@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +92,8 @@ class RaftNode:
         self._consumer = _ReplicatedKmsState(state, listener or (lambda _c, _r: None))
         self._syncobj: SyncObj | None = None
         self._status_lock = threading.Lock()
+        # Calls that touch pysyncobj internals run on its tick thread, queued here.
+        self._tick_jobs: deque[Callable[[], None]] = deque()
 
     def start(self) -> None:
         os.makedirs(self.settings.data_dir, exist_ok=True)
@@ -109,6 +112,7 @@ class RaftNode:
         self._syncobj = GuardedSyncObj(self.settings.self_address,
                                        list(self.settings.peer_addresses),
                                        conf=conf, consumers=[self._consumer])
+        self._syncobj.addOnTickCallback(self._run_tick_jobs)
         log = self._syncobj._SyncObj__raftLog
         if isinstance(log, journal.ScrubbingFileJournal):
             syncobj = self._syncobj
@@ -118,6 +122,10 @@ class RaftNode:
         if self._syncobj is not None:
             self._syncobj.destroy()
             self._syncobj = None
+
+    def _run_tick_jobs(self) -> None:
+        while self._tick_jobs:
+            self._tick_jobs.popleft()()
 
     async def _call(self, invoke: Callable[[Callable[[Any, int], None]], None],
                     timeout: float | None, what: str, needs_result: bool) -> Any:
@@ -185,6 +193,34 @@ class RaftNode:
 
     async def remove_member(self, address: str, timeout: float | None = None) -> None:
         await self._membership_retrying("remove", address, timeout)
+
+    async def transfer_leadership(self, timeout: float | None = None) -> str:
+        """Hand this leader's role to its most caught-up connected follower (Raft's
+        TimeoutNow) and return the new leader's address once this node sees it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or self.settings.commit_timeout)
+
+        def invoke(resolve: Callable[[Any, int], None]) -> None:
+            def on_tick() -> None:
+                assert self._syncobj is not None
+                self._syncobj.transferLeadership(None, callback=resolve)
+            self._tick_jobs.append(on_tick)
+
+        while True:
+            try:
+                await self._call(invoke, timeout, "leadership transfer", needs_result=False)
+                break
+            except RaftUnavailable as exc:
+                # Denied while no follower has caught up with the whole log yet.
+                if "REQUEST_DENIED" not in str(exc) or loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        while loop.time() < deadline:
+            leader = self._syncobj._getLeader() if self._syncobj is not None else None
+            if leader is not None and str(leader) != self.settings.self_address:
+                return str(leader)
+            await asyncio.sleep(0.05)
+        raise RaftUnavailable("leadership did not move in time")
 
     async def barrier(self, timeout: float | None = None) -> None:
         """Return once this node has applied every entry committed before the call."""
