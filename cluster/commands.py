@@ -102,8 +102,10 @@ class SetImportParameters(Command):
 class ImportKeyMaterial(Command):
     """Imported material, unwrapped in the proposer's HSM and re-wrapped under the domain key.
 
-    `material_check` is a key check value computed in the HSM (AES-CMAC of a constant): apply
-    compares it with the key's first import, so different material is refused everywhere alike.
+    `material_check` is a key check value computed in the HSM (kmsd.hsm.imported_material):
+    apply compares it with the key's first import, so different material is refused everywhere
+    alike. `public_key` is the DER SubjectPublicKeyInfo the proposer's HSM derived from an
+    imported asymmetric private key (None for symmetric and HMAC keys).
     """
 
     key_id: str
@@ -113,6 +115,7 @@ class ImportKeyMaterial(Command):
     expiration_model: str
     valid_to: float | None
     at: float
+    public_key: bytes | None = None
 
 
 @dataclass(frozen=True)

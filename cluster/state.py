@@ -586,13 +586,25 @@ class KmsState:
             raise _Refuse("IncorrectKeyMaterialException",
                           f"The key material is not the key material previously imported "
                           f"into {record.arn}.")
+        asymmetric = record.key_spec != "SYMMETRIC_DEFAULT" and \
+            not record.key_spec.startswith("HMAC_")
+        if asymmetric != (cmd.public_key is not None):
+            # An asymmetric key's material always comes with the public key derived from it.
+            raise _Refuse("KMSInternalException",
+                          f"The import into {record.arn} does not fit its key spec.")
+        if (record.public_key is not None and cmd.public_key is not None
+                and record.public_key != cmd.public_key):
+            raise _Refuse("IncorrectKeyMaterialException",
+                          f"The key material is not the key material previously imported "
+                          f"into {record.arn}.")
         backing_keys = record.backing_keys or (BackingKey(1, cmd.wrapped_backing_key, cmd.at),)
         key_state = (KEY_STATE_ENABLED if record.key_state == KEY_STATE_PENDING_IMPORT
                      else record.key_state)
         return self._put(dataclasses.replace(
             record, backing_keys=backing_keys, key_state=key_state,
             expiration_model=cmd.expiration_model, valid_to=cmd.valid_to,
-            material_check=cmd.material_check, epoch=record.epoch + 1))
+            material_check=cmd.material_check,
+            public_key=record.public_key or cmd.public_key, epoch=record.epoch + 1))
 
     def _apply_DeleteImportedKeyMaterial(self, cmd: c.DeleteImportedKeyMaterial
                                          ) -> KeyRecord | None:

@@ -3,7 +3,8 @@
 A new key's backing key is generated inside this node's HSM and enters the
 Raft log only wrapped under the domain key. So is the private (or HMAC secret)
 part of an asymmetric or HMAC key (kmsd.service.asymmetric); its public key is
-stored in the clear.
+stored in the clear. A key with Origin EXTERNAL starts without material (and,
+if asymmetric, without a public key) until ImportKeyMaterial.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from cluster.state import (
 )
 from kmsd.auth.policy import PolicyKind, lockout_safety_check, parse_policy
 from kmsd.errors import NotFoundException, UnsupportedOperationException, ValidationException
+from kmsd.hsm.imported_material import IMPORTABLE_KEY_SPECS
 from kmsd.service import asymmetric
 from kmsd.service.context import RequestContext
 from kmsd.service.core import ServiceCore
@@ -88,9 +90,9 @@ async def create_key(core: ServiceCore, ctx: RequestContext, params: dict[str, A
     origin = params.get("Origin") or "AWS_KMS"
     if origin not in ("AWS_KMS", ORIGIN_EXTERNAL):
         raise UnsupportedOperationException(f"kmsd does not support Origin {origin} yet.")
-    if origin == ORIGIN_EXTERNAL and key_spec != SYMMETRIC_DEFAULT:
+    if origin == ORIGIN_EXTERNAL and key_spec not in IMPORTABLE_KEY_SPECS:
         raise UnsupportedOperationException(
-            f"kmsd imports key material for SYMMETRIC_DEFAULT keys only, not {key_spec}.")
+            f"kmsd does not import key material for {key_spec} keys.")
     if params.get("CustomKeyStoreId") or params.get("XksKeyId"):
         raise UnsupportedOperationException("kmsd has no custom key stores yet.")
     if params.get("MultiRegion"):
