@@ -181,6 +181,15 @@ class Applied:
     value: Any = None
 
 
+@dataclass(frozen=True)
+class MaterialDeleted:
+    """DeleteImportedKeyMaterial's result: the key as it is now, and the wrapped material it
+    no longer has, so that every node can drop the HSM handles it holds for that material."""
+
+    record: KeyRecord
+    removed: tuple[bytes, ...]
+
+
 ApplyResult = Applied | Rejected
 
 
@@ -607,8 +616,9 @@ class KmsState:
             public_key=record.public_key or cmd.public_key, epoch=record.epoch + 1))
 
     def _apply_DeleteImportedKeyMaterial(self, cmd: c.DeleteImportedKeyMaterial
-                                         ) -> KeyRecord | None:
-        """Returns the updated key, or None for an expiry that is not (or no longer) due."""
+                                         ) -> MaterialDeleted | None:
+        """The updated key and its removed material, or None for an expiry that is not (or no
+        longer) due."""
         if cmd.expired_only:
             record = self.keys.get(cmd.key_id)
             if (record is None or record.origin != ORIGIN_EXTERNAL or not record.backing_keys
@@ -617,9 +627,10 @@ class KmsState:
                 return None
         else:
             record = self._external_key(cmd.key_id)
-        return self._put(dataclasses.replace(
+        removed = tuple(b.wrapped for b in record.backing_keys)
+        return MaterialDeleted(self._put(dataclasses.replace(
             record, backing_keys=(), key_state=KEY_STATE_PENDING_IMPORT,
-            expiration_model=None, valid_to=None, epoch=record.epoch + 1))
+            expiration_model=None, valid_to=None, epoch=record.epoch + 1)), removed)
 
     def _put(self, record: KeyRecord) -> KeyRecord:
         self.keys[record.key_id] = record

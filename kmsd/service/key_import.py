@@ -15,6 +15,8 @@ Keys that take imported material: SYMMETRIC_DEFAULT, HMAC_*, RSA_* and the ECC k
 kmsd.hsm.imported_material lists (AWS: "You can import key material for a symmetric
 encryption KMS key, HMAC KMS key, asymmetric encryption KMS key, or asymmetric signing KMS
 key"). Which wrapping algorithm fits which material is kmsd.hsm.key_import.wrapping_refusal.
+After DeleteImportedKeyMaterial or expiry every node drops its HSM handles for the removed
+material when it applies the change (kmsd.node), not only the node that served the request.
 Never logs or puts into an error the material, the import token or the wrapped blobs.
 """
 
@@ -193,10 +195,7 @@ async def delete_imported_key_material(core: ServiceCore, ctx: RequestContext,
     record = await core.authorized_key(ctx, "DeleteImportedKeyMaterial", params,
                                        allow_alias=False)
     _require_importable(record)
-    removed = [b.wrapped for b in record.backing_keys]
     await core.commit(commands.DeleteImportedKeyMaterial(record.key_id, core.clock.now()))
-    for wrapped in removed:
-        core.hsm.evict(wrapped)
     return {"KeyId": record.arn}
 
 
@@ -205,9 +204,6 @@ async def expire_due(core: ServiceCore, record: KeyRecord, now: float) -> bool:
     if (record.origin != ORIGIN_EXTERNAL or not record.backing_keys
             or record.valid_to is None or record.valid_to > now):
         return False
-    removed = [b.wrapped for b in record.backing_keys]
     result = await core.commit(commands.DeleteImportedKeyMaterial(record.key_id, now,
                                                                   expired_only=True))
-    for wrapped in removed:
-        core.hsm.evict(wrapped)
     return result is not None

@@ -1,4 +1,5 @@
-"""Imported HMAC and asymmetric key material on a real three-node cluster.
+"""Imported HMAC and asymmetric key material on a real three-node cluster, and every node
+forgetting deleted material.
 
 Material is made and wrapped locally with `cryptography`, as AWS's "Step 3: Encrypt the
 key material" guide has customers do with openssl. AWS references: GetParametersForImport
@@ -190,3 +191,32 @@ def test_key_material_of_another_kind_is_refused(cluster: Cluster) -> None:
         KeyId=key_id, ImportToken=params["ImportToken"], ImportType="EXISTING_KEY_MATERIAL",
         EncryptedKeyMaterial=wrap(params["PublicKey"], "RSA_AES_KEY_WRAP_SHA_1", wrong),
         ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE"))[0] == "ValidationException"
+
+
+def _cached_handles(cluster: Cluster, node: int) -> int:
+    status = cluster.node_status(node)
+    assert status is not None
+    return int(status["hsm"]["cached_handles"])
+
+
+def test_deleted_material_leaves_every_node(cluster: Cluster) -> None:
+    """DeleteImportedKeyMaterial served by node 0: nodes 1 and 2, which had used the
+    material, drop their HSM handles for it when they apply the deletion."""
+    symmetric = cluster.client(0).create_key(Origin="EXTERNAL")["KeyMetadata"]["KeyId"]
+    import_material(cluster, symmetric, os.urandom(32), "RSAES_OAEP_SHA_1")
+    mac_key = external_key(cluster, "HMAC_256", "GENERATE_VERIFY_MAC")
+    import_material(cluster, mac_key, os.urandom(32), "RSAES_OAEP_SHA_1")
+    blob = cluster.client(0).encrypt(KeyId=symmetric, Plaintext=b"p")["CiphertextBlob"]
+    on_every_node(cluster, lambda c: c.decrypt(CiphertextBlob=blob)["Plaintext"], "Decrypt")
+    on_every_node(cluster, lambda c: c.generate_mac(KeyId=mac_key, Message=b"m",
+                                                    MacAlgorithm="HMAC_SHA_256"), "GenerateMac")
+    before = {node: _cached_handles(cluster, node) for node in (1, 2)}
+    cluster.client(0).delete_imported_key_material(KeyId=symmetric)
+    cluster.client(0).delete_imported_key_material(KeyId=mac_key)
+    for node in (1, 2):
+        wait_for(lambda n=node: _cached_handles(cluster, n) <= before[n] - 2, 20,
+                 what=f"node {node} to drop the deleted material's handles")
+        assert error_of(lambda n=node: cluster.client(n).decrypt(CiphertextBlob=blob)) == \
+            ("KMSInvalidStateException",
+             f"arn:aws:kms:{cluster.region}:{cluster.info['account_id']}:key/{symmetric} "
+             "is pending import.")

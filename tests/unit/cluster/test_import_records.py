@@ -84,7 +84,10 @@ def test_delete_then_reimport_keeps_version_one() -> None:
     state = _state()
     _params(state)
     _import(state)
-    deleted = state.apply(c.DeleteImportedKeyMaterial(KEY, T0 + 20)).value
+    result = state.apply(c.DeleteImportedKeyMaterial(KEY, T0 + 20)).value
+    # Every node learns which material to forget (its HSM handles for it).
+    assert result.removed == (b"m" * 40,)
+    deleted = result.record
     assert deleted.key_state == KEY_STATE_PENDING_IMPORT and deleted.backing_keys == ()
     assert deleted.material_check == "aa"
     assert _import(state, check="bb").error_type == "IncorrectKeyMaterialException"
@@ -99,7 +102,8 @@ def test_expiry_rechecks_valid_to() -> None:
     assert state.apply(c.DeleteImportedKeyMaterial(KEY, T0 + 99, expired_only=True)).value \
         is None
     expired = state.apply(c.DeleteImportedKeyMaterial(KEY, T0 + 100, expired_only=True)).value
-    assert expired.key_state == KEY_STATE_PENDING_IMPORT
+    assert expired.removed == (b"m" * 40,)
+    assert expired.record.key_state == KEY_STATE_PENDING_IMPORT
     # A repeated proposal changes nothing.
     assert state.apply(c.DeleteImportedKeyMaterial(KEY, T0 + 200, expired_only=True)).value \
         is None
@@ -172,7 +176,7 @@ def test_asymmetric_import_brings_its_public_key() -> None:
     assert _import_asymmetric(state, None).error_type == "KMSInternalException"
     record = _import_asymmetric(state, b"spki-1").value
     assert record.public_key == b"spki-1" and record.key_state == KEY_STATE_ENABLED
-    deleted = state.apply(c.DeleteImportedKeyMaterial(KEY, T0 + 20)).value
+    deleted = state.apply(c.DeleteImportedKeyMaterial(KEY, T0 + 20)).value.record
     # The public key is not secret and stays: only the same key pair may come back.
     assert deleted.public_key == b"spki-1" and deleted.backing_keys == ()
     assert _import_asymmetric(state, b"spki-2", check="bb").error_type == \
