@@ -65,9 +65,14 @@ SM2PKE = "SM2PKE"
 WRAPPING_ALGORITHMS: dict[str, tuple[str, bool]] = {
     RSAES_OAEP_SHA_1: ("sha1", False), RSAES_OAEP_SHA_256: ("sha256", False),
     RSA_AES_KEY_WRAP_SHA_1: ("sha1", True), RSA_AES_KEY_WRAP_SHA_256: ("sha256", True)}
-# Refused whatever the token: AWS no longer accepts PKCS#1 v1.5 for import; SM2 is China-only.
+# Refused whatever the token and whatever the key spec. AWS KMS API reference,
+# GetParametersForImport WrappingAlgorithm: "RSAES_PKCS1_V1_5 (Deprecated) -- As of October
+# 10, 2023, KMS does not support the RSAES_PKCS1_V1_5 wrapping algorithm" (PKCS#1 v1.5
+# encryption is open to Bleichenbacher's padding oracle); SM2PKE is for China Regions only.
 REFUSED_WRAPPING_ALGORITHMS: dict[str, str] = {
-    RSAES_PKCS1_V1_5: "AWS KMS no longer accepts RSAES_PKCS1_V1_5 for key import",
+    RSAES_PKCS1_V1_5: ("RSAES_PKCS1_V1_5 is deprecated: AWS KMS does not support it for "
+                       "importing key material since October 10, 2023; use RSAES_OAEP_SHA_256 "
+                       "or RSA_AES_KEY_WRAP_SHA_256"),
     SM2PKE: "SM2PKE is available only in China Regions; kmsd does not implement SM2"}
 WRAPPING_KEY_SPECS = tuple(RSA_KEY_SPECS)
 KIND_WRAPPING = "wrapping_algorithm"

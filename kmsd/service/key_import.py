@@ -116,6 +116,8 @@ def _path(core: ServiceCore, algorithm: str) -> str:
     # RSA-OAEP-SHA256 in-token (`[hsm] allow_host_oaep_decoding`); software tokens always may.
     path, detail = hsm_import.import_path(router_of(core).capabilities, algorithm,
                                           core.allow_host_oaep_decoding)
+    if algorithm in hsm_import.REFUSED_WRAPPING_ALGORITHMS:
+        raise UnsupportedOperationException(f"WrappingAlgorithm {algorithm}: {detail}.")
     if path == UNSUPPORTED:
         raise UnsupportedOperationException(
             f"WrappingAlgorithm {algorithm} is not supported by this kmsd node: {detail}.")

@@ -91,6 +91,21 @@ def test_wrapping_refusals_follow_aws() -> None:
         assert key_import.wrapping_refusal(spec, "RSAES_OAEP_SHA_256", "RSA_2048") is None
 
 
+def test_pkcs1_v1_5_is_refused_everywhere(hsm_partition: HsmPartition,
+                                         caps: TokenCapabilities,
+                                         wrapping: dict[str, GeneratedKey]) -> None:
+    """AWS: "RSAES_PKCS1_V1_5 (Deprecated) -- As of October 10, 2023, KMS does not support
+    the RSAES_PKCS1_V1_5 wrapping algorithm": not on this token, not by operator choice."""
+    for allow in (False, True):
+        path, detail = key_import.import_path(caps, "RSAES_PKCS1_V1_5", allow)
+        assert path == capabilities.UNSUPPORTED and "October 10, 2023" in detail
+    for key_spec in ("SYMMETRIC_DEFAULT", "HMAC_256", "ECC_NIST_P256", "RSA_2048"):
+        with pytest.raises(key_import.ImportRefused):
+            key_import.import_material(hsm_partition, path, "RSAES_PKCS1_V1_5",
+                                       wrapping["RSA_2048"].wrapped_private, "RSA_2048",
+                                       os.urandom(256), key_spec)
+
+
 @pytest.mark.parametrize("algorithm", list(key_import.WRAPPING_ALGORITHMS))
 @pytest.mark.parametrize("key_spec", ["HMAC_224", "HMAC_512"])
 def test_hmac_import(hsm_partition: HsmPartition, caps: TokenCapabilities,
