@@ -24,7 +24,14 @@ from aiohttp import web
 
 from cluster import commands
 from cluster.raft_node import RaftNode, RaftSettings, RaftUnavailable
-from cluster.state import Applied, KeyRecord, KmsState, MaterialDeleted, Rejected
+from cluster.state import (
+    STORE_CONNECTED,
+    Applied,
+    KeyRecord,
+    KmsState,
+    MaterialDeleted,
+    Rejected,
+)
 from kmsd import bootstrap, sd_notify
 from kmsd.api.admin import make_admin_app
 from kmsd.api.protocol import MAX_BODY_BYTES, Authenticator, KmsProtocol
@@ -133,8 +140,18 @@ class Node:
             removed = [b.wrapped for b in result.value.backing_keys]
             # Handles belong to the event loop's thread; the journal is compacted so the
             # deleted material leaves the disk.
-            self._loop.call_soon_threadsafe(lambda: [self.hsm.evict(w) for w in removed])
+            self._loop.call_soon_threadsafe(self._forget_key, removed)
             self.raft.force_compaction()
+            return
+        if (isinstance(command, (commands.SetCustomKeyStoreConnection,
+                                 commands.UpdateCustomKeyStore, commands.DeleteCustomKeyStore))
+                and isinstance(result, Applied) and self._loop is not None):
+            store = result.value
+            if (not isinstance(command, commands.SetCustomKeyStoreConnection)
+                    or store.connection_state != STORE_CONNECTED):
+                # Disconnected, changed or deleted: every node ends its session with the
+                # store's token at this log position (reopened with the new settings on use).
+                self._loop.call_soon_threadsafe(self.core.key_stores.close, store.store_id)
             return
         if (isinstance(command, commands.DeleteImportedKeyMaterial)
                 and isinstance(result, Applied) and isinstance(result.value, MaterialDeleted)
@@ -142,6 +159,13 @@ class Node:
             # Every node, not only the one that served the request (or ran the expiry),
             # forgets the deleted material at this log position.
             self._loop.call_soon_threadsafe(self._forget_material, result.value.removed)
+
+    def _forget_key(self, removed: list[bytes]) -> None:
+        """On the event loop: drop the handles of a deleted key's material (the node's token
+        or its custom key store's)."""
+        for wrapped in removed:
+            self.hsm.evict(wrapped)
+            self.core.key_stores.evict(wrapped)
 
     def _forget_material(self, removed: tuple[bytes, ...]) -> None:
         """On the event loop: drop this node's HSM handles for material the cluster deleted."""
@@ -337,6 +361,7 @@ class Node:
         self.raft.stop()
         self.audit_sink.close()
         await self.asymmetric.stop()
+        self.core.key_stores.close_all()
         self.hsm.close()
         log.info("node_stopped")
 
