@@ -23,6 +23,8 @@ from botocore.exceptions import ClientError
 from tests.integration.harness import Cluster, error_of, start_cluster, wait_for
 
 STORE_TOKEN = "cluster-kmsdstoreaaa"
+# Provisioned like STORE_TOKEN, but with a store key of its own: an unrelated "cluster".
+UNRELATED_TOKEN = "cluster-kmsdstorebbb"
 MISSING_TOKEN = "cluster-kmsdnowhereb"
 TRUST_ANCHOR = ("-----BEGIN CERTIFICATE-----\nMIIB (kmsd does not check it)\n"
                 "-----END CERTIFICATE-----")
@@ -31,7 +33,8 @@ TRUST_ANCHOR = ("-----BEGIN CERTIFICATE-----\nMIIB (kmsd does not check it)\n"
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     running = start_cluster(str(tmp_path_factory.mktemp("key-stores")),
-                            extra_args=("--key-store-token", STORE_TOKEN))
+                            extra_args=("--key-store-token", STORE_TOKEN,
+                                        "--key-store-token", UNRELATED_TOKEN))
     yield running
     running.stop()
 
@@ -114,6 +117,8 @@ def test_store_lifecycle_and_keys_on_every_node(stores: Cluster) -> None:
     for node in range(stores.size):
         assert wait_for(lambda n=node: _decrypt(stores, n, blob), 20,
                         what=f"decrypt on node {node}") == b"in the store"
+    data_key = stores.client(1).generate_data_key(KeyId=key_id, KeySpec="AES_256")
+    assert _decrypt(stores, 2, data_key["CiphertextBlob"]) == data_key["Plaintext"]
     assert len(stores.client(1).generate_random(NumberOfBytes=24,
                                                 CustomKeyStoreId=store_id)["Plaintext"]) == 24
 
@@ -136,6 +141,14 @@ def test_store_lifecycle_and_keys_on_every_node(stores: Cluster) -> None:
         == "CustomKeyStoreInvalidStateException"
     assert error_of(lambda: client.delete_custom_key_store(CustomKeyStoreId=store_id))[0] == \
         "CustomKeyStoreHasCMKsException"
+    # AWS: only a cluster that shares the original's backup history, i.e. holds its keys.
+    assert error_of(lambda: client.update_custom_key_store(
+        CustomKeyStoreId=store_id, CloudHsmClusterId=UNRELATED_TOKEN,
+        KeyStorePassword=stores.info["key_store_tokens"][UNRELATED_TOKEN]))[0] == \
+        "CloudHsmClusterNotRelatedException"
+    assert error_of(lambda: client.update_custom_key_store(
+        CustomKeyStoreId=store_id, CloudHsmClusterId=MISSING_TOKEN))[0] == \
+        "CloudHsmClusterNotFoundException"
 
     # A wrong password: the connection FAILS (the call itself succeeds, as at AWS).
     client.update_custom_key_store(CustomKeyStoreId=store_id, KeyStorePassword="not-the-pin",
