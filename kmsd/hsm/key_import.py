@@ -83,7 +83,8 @@ _OAEP_ALGORITHM = {"sha1": "RSAES_OAEP_SHA_1", "sha256": "RSAES_OAEP_SHA_256"}
 
 
 class ImportRefused(Exception):
-    """This token (named in the message) cannot take this wrapping algorithm."""
+    """This token (named in the message) cannot take this wrapping algorithm, or AWS does not
+    allow it for this key material (`wrapping_refusal`)."""
 
 
 @dataclass(frozen=True)
