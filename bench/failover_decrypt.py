@@ -29,7 +29,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,7 +42,6 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import benchlib  # noqa: E402
 
-from kmsd.dev.cluster import DevCluster, DevClusterOptions  # noqa: E402
 from scripts.failover import Harness  # noqa: E402
 
 BIN_S = 0.1
@@ -243,13 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
 
-    root = tempfile.mkdtemp(prefix="kmsd-failover-decrypt-")
-    cluster = DevCluster(DevClusterOptions(data_dir=root, base_port=args.port))
-    cluster.prepare()
-    cluster.start()
-    cluster.wait_ready()
-    cluster.wait_credentials()
-    harness = Harness(cluster)
+    harness = Harness.start("kmsd-failover-decrypt-", args.port)
+    cluster = harness.cluster
     creds = benchlib.Credentials(cluster.access_key_id, cluster.secret_access_key)
     endpoints = [node.endpoint for node in cluster.nodes]
     loadavg_start = benchlib.loadavg()
