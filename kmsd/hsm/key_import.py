@@ -34,6 +34,7 @@ from typing import Any
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 
+from kmsd import domain_blob
 from kmsd.hsm import oaep
 from kmsd.hsm.capabilities import (
     IN_TOKEN,
@@ -43,7 +44,7 @@ from kmsd.hsm.capabilities import (
     UNSUPPORTED,
     TokenCapabilities,
 )
-from kmsd.hsm.partition import HsmAuthenticationFailed, HsmError, HsmPartition
+from kmsd.hsm.partition import HsmAuthenticationFailed, HsmError, HsmPartition, NoDomainKey
 
 RSAES_OAEP_SHA_1 = "RSAES_OAEP_SHA_1"
 RSAES_OAEP_SHA_256 = "RSAES_OAEP_SHA_256"
@@ -174,13 +175,12 @@ def import_material(partition: HsmPartition, path: str, wrapping_algorithm: str,
     wrapping_private = ephemeral = material = None
     try:
         try:
-            wrapping_private = partition.domain_key.unwrap_key(
-                ObjectClass.PRIVATE_KEY, KeyType.RSA, wrapped_wrapping_private, store=False,
-                mechanism=Mechanism.AES_KEY_WRAP_PAD,
+            wrapping_private = partition.unwrap(
+                wrapped_wrapping_private, ObjectClass.PRIVATE_KEY, KeyType.RSA,
                 capabilities=MechanismFlag.UNWRAP | MechanismFlag.DECRYPT,
                 template={**PRIVATE_UNWRAP_FIX, Attribute.SENSITIVE: True,
                           Attribute.EXTRACTABLE: False})
-        except PKCS11Error:
+        except (PKCS11Error, NoDomainKey):
             raise HsmError("cannot unwrap the import wrapping key under this token's "
                            "domain key") from None
         # The first RSA block: the material itself, or the ephemeral AES key.
@@ -211,12 +211,11 @@ def import_material(partition: HsmPartition, path: str, wrapping_algorithm: str,
         else:
             material = first
         try:
-            wrapped = bytes(partition.domain_key.wrap_key(material,
-                                                          mechanism=Mechanism.AES_KEY_WRAP_PAD))
+            wrapped = partition.wrap(material)
             check = bytes(material.sign(_CHECK_VALUE_INPUT, mechanism=Mechanism.AES_CMAC))
         except PKCS11Error:
             raise HsmError("the token could not re-wrap the imported key material") from None
-        if len(wrapped) != AES_256_WRAPPED_BYTES:
+        if len(domain_blob.split_wrap(wrapped)[1]) != AES_256_WRAPPED_BYTES:
             raise InvalidMaterial("SYMMETRIC_DEFAULT key material must be 256 bits")
         return ImportedMaterial(wrapped, check.hex())
     finally:
