@@ -166,7 +166,7 @@ async def import_key_material(core: ServiceCore, ctx: RequestContext,
         key_id=record.key_id, token_id=parameters.token_id, wrapped_backing_key=imported.wrapped,
         material_check=imported.check_value, expiration_model=model, valid_to=valid_to, at=now))
     return {"KeyId": updated.arn,
-            "KeyMaterialId": key_material_id(updated.current_backing_key.wrapped)}
+            "KeyMaterialId": key_material_id(updated.current_backing_key)}
 
 
 async def delete_imported_key_material(core: ServiceCore, ctx: RequestContext,

@@ -75,7 +75,7 @@ def key_metadata(record: KeyRecord) -> dict[str, Any]:
             metadata["ValidTo"] = record.valid_to
     if record.key_spec == SYMMETRIC_DEFAULT and record.backing_keys:
         # AWS: present for symmetric encryption keys only (and not before an import).
-        metadata["CurrentKeyMaterialId"] = key_material_id(record.current_backing_key.wrapped)
+        metadata["CurrentKeyMaterialId"] = key_material_id(record.current_backing_key)
     if record.key_state == KEY_STATE_PENDING_DELETION:
         metadata["DeletionDate"] = record.deletion_date
         metadata["PendingDeletionWindowInDays"] = record.pending_window_days
