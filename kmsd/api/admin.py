@@ -2,6 +2,7 @@
 
 Routes:
     GET    /v1/audit/...                                     see kmsd/api/admin_audit.py
+    GET    /v1/domain, POST /v1/domain/rotate                see kmsd/api/admin_domain.py
     GET    /v1/node/status                                   this node's role, indexes, HSM
     GET    /v1/hsm/capabilities                              what this node's token does per
                                                              KMS key spec and algorithm
@@ -28,6 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from kmsd.api.admin_audit import add_audit_routes
+from kmsd.api.admin_domain import add_domain_routes
 from kmsd.api.protocol import Authenticator, error_response, json_response
 from kmsd.audit.backfill import PEER_HEADER, peer_key, verify_peer_request
 from kmsd.audit.digest_signer import DigestSigner
@@ -42,6 +44,7 @@ from kmsd.service import membership, principals
 from kmsd.service.asymmetric_hsm import capabilities_report
 from kmsd.service.context import Caller
 from kmsd.service.core import ServiceCore
+from kmsd.service.domain_rotation import DomainRotator, PeerClient
 
 StatusSource = Callable[[], dict[str, Any]]
 _CALLER = web.AppKey("caller", Caller)
@@ -49,7 +52,8 @@ _CALLER = web.AppKey("caller", Caller)
 
 def make_admin_app(authenticator: Authenticator, core: ServiceCore,
                    node_status: StatusSource, audit_sink: SegmentSink,
-                   digest_signer: DigestSigner, raft_secret: str) -> web.Application:
+                   digest_signer: DigestSigner, raft_secret: str,
+                   domain_rotator: DomainRotator, peers: PeerClient) -> web.Application:
     peer_key_bytes = peer_key(raft_secret)
 
     @web.middleware
@@ -183,4 +187,5 @@ def make_admin_app(authenticator: Authenticator, core: ServiceCore,
     app.router.add_put("/v1/principals/{kind}/{name}/policies/{policy}", put_policy)
     app.router.add_delete("/v1/principals/{kind}/{name}/policies/{policy}", delete_policy)
     add_audit_routes(app, core, audit_sink, digest_signer, respond, root_only)
+    add_domain_routes(app, core, domain_rotator, peers, respond, root_only)
     return app
