@@ -353,7 +353,8 @@ class BeginDomainRotation(Command):
 
 @dataclass(frozen=True)
 class AbandonDomainGeneration(Command):
-    """Give up a pending generation (its only holder left before cloning it)."""
+    """Give up a pending generation (the leader does not hold it: its maker left before
+    cloning it there); the rotation stays requested and begins again with the next number."""
 
     generation: int
     at: float

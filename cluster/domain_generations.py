@@ -11,7 +11,8 @@ A generation is one AES-256 domain key, held by every member's token. Its life:
               leader re-wraps its blobs under the active one in batches
     retired   no blob refers to it any more (RetireDomainGeneration checks);
               every token destroys it
-    abandoned a pending generation no member could hand on (its maker died)
+    abandoned a pending generation no member could hand on (its maker died);
+              the rotation starts over with the next number
 
 At most one rotation runs at a time: a generation can begin only while no
 generation is pending or retiring. Every wrapped or sealed blob in the state
@@ -201,7 +202,9 @@ class DomainGenerationsMixin:
                                    dataclasses.replace(generation, state=state, changed_at=at)}
 
     def _apply_AbandonDomainGeneration(self, cmd: c.AbandonDomainGeneration) -> None:
+        """The operator's request still stands: the leader begins another generation."""
         self._set_state(self._generation(cmd.generation, PENDING), ABANDONED, cmd.at)
+        self.domain_rotation_requested_at = cmd.at
 
     def _apply_ActivateDomainGeneration(self, cmd: c.ActivateDomainGeneration
                                         ) -> DomainGeneration:

@@ -157,6 +157,7 @@ def test_a_pending_generation_can_be_abandoned_and_its_number_is_not_reused() ->
     ok(state, c.BeginDomainRotation(2, "kcv-2", 1.0))
     ok(state, c.AbandonDomainGeneration(2, 2.0))
     assert states(state) == {1: dg.ACTIVE, 2: dg.ABANDONED}
+    assert state.domain_rotation_requested_at == 2.0  # it starts over
     refused(state, c.ActivateDomainGeneration(2, NODES, 3.0))
     refused(state, c.BeginDomainRotation(2, "kcv-2b", 3.0))
     ok(state, c.BeginDomainRotation(3, "kcv-3", 3.0))
