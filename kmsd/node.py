@@ -123,7 +123,7 @@ class Node:
         self.peers = PeerClient(config.node_id, peer_key(self._raft_password),
                                 self._peer_ssl_context())
         self.domain_rotator = DomainRotator(self.core, self.peers,
-                                            config.scheduler_interval_seconds)
+                                            config.scheduler_interval_seconds, self.audit)
         self.protocol = KmsProtocol(self.core, self.authenticator, RequestValidator(),
                                     self.not_ready_reason, self.audit, config.node_id,
                                     self.metrics.observe_request)

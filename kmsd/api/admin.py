@@ -187,5 +187,6 @@ def make_admin_app(authenticator: Authenticator, core: ServiceCore,
     app.router.add_put("/v1/principals/{kind}/{name}/policies/{policy}", put_policy)
     app.router.add_delete("/v1/principals/{kind}/{name}/policies/{policy}", delete_policy)
     add_audit_routes(app, core, audit_sink, digest_signer, respond, root_only)
-    add_domain_routes(app, core, domain_rotator, peers, respond, root_only)
+    add_domain_routes(app, core, domain_rotator, peers, respond, root_only,
+                      lambda request: request[_CALLER])
     return app

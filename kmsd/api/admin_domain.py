@@ -11,12 +11,15 @@ Member to member (peer HMAC, see kmsd/api/admin.py; a body is bound by body_sha2
     POST /v1/internal/domain/accept?generation=N      unwrap generation N sent by the leader
     POST /v1/internal/domain/sync                destroy retired generations in this token
 
-Root only (the public routes).
+Root only (the public routes). A rotation request is recorded in the audit chain before it
+takes effect, with the caller's identity; the leader records each step after it
+(kmsd.audit.domain_events).
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 from aiohttp import web
@@ -42,14 +45,16 @@ def _generation(request: web.Request) -> int:
 
 
 def add_domain_routes(app: web.Application, core: ServiceCore, rotator: DomainRotator,
-                      peers: PeerClient, respond: Any, root_only: Any) -> None:
+                      peers: PeerClient, respond: Any, root_only: Any,
+                      caller_of: Any) -> None:
     async def status(request: web.Request) -> web.Response:
         root_only(request)
         return respond(await cluster_status(core, peers, rotator))
 
     async def rotate(request: web.Request) -> web.Response:
         root_only(request)
-        started = await request_rotation(core)
+        started = await request_rotation(core, rotator.audit, caller_of(request),
+                                         peers.node_id, str(uuid.uuid4()))
         return respond({"Started": started, **await cluster_status(core, peers, rotator)})
 
     async def held(_request: web.Request) -> web.Response:

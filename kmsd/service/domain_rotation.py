@@ -15,7 +15,7 @@ up a rotation where the old one stopped. One step at a time:
    confirmed, ActivateDomainGeneration (the state machine refuses it if a
    member joined meanwhile and has not confirmed). A leader that does not
    hold the pending generation (its maker died before cloning it) abandons
-   it: nothing is wrapped under a pending generation, and the next request
+   it: nothing is wrapped under a pending generation, and the rotation
    starts over with a new one.
 3. retiring -> the leader re-wraps the blobs of the old generation in its
    token (kmsd.hsm.rewrap; sealed secrets are opened and sealed again) and
@@ -55,15 +55,19 @@ import structlog
 from cluster import commands
 from cluster import domain_generations as dg
 from cluster.state import NodeRecord
-from kmsd.audit import digests
+from kmsd.audit import digests, domain_events
 from kmsd.audit.backfill import PEER_HEADER, sign_peer_request
+from kmsd.audit.chain import AuditEntry
+from kmsd.audit.committer import AuditCommitter, AuditUnavailable
+from kmsd.audit.record import user_identity
 from kmsd.auth.credentials import secret_aad
-from kmsd.errors import KmsError
+from kmsd.errors import KmsError, KMSInternalException
 from kmsd.hsm import domain_clone
 from kmsd.hsm.partition import HsmAuthenticationFailed, HsmError
 from kmsd.hsm.rewrap import rewrap_key
 from kmsd.service import domain_members
-from kmsd.service.core import ServiceCore
+from kmsd.service.context import Caller
+from kmsd.service.core import UNAVAILABLE_MESSAGE, ServiceCore
 
 log = structlog.get_logger("kmsd.domain")
 
@@ -120,10 +124,12 @@ def held_as_json(held: dict[int, str]) -> dict[str, str]:
 
 
 class DomainRotator:
-    def __init__(self, core: ServiceCore, peers: PeerClient, interval_seconds: float) -> None:
+    def __init__(self, core: ServiceCore, peers: PeerClient, interval_seconds: float,
+                 audit: AuditCommitter | None = None) -> None:
         self.core = core
         self.peers = peers
         self.interval = interval_seconds
+        self.audit = audit
         # What the leader is doing or waiting for, for `kmsctl domain status`.
         self.progress = "idle"
         self._unrewrappable: set[tuple[str, ...]] = set()
@@ -177,6 +183,7 @@ class DomainRotator:
                 hsm.destroy_generation(number)
             raise
         log.info("domain_rotation_begun", generation=number, check=check)
+        await self._record(domain_events.BEGUN, number, check)
         return True
 
     # -- 2. cloning to every member ------------------------------------------------
@@ -186,7 +193,8 @@ class DomainRotator:
         if self.core.hsm.held_generations().get(number) != generation.check:
             await self.core.commit(commands.AbandonDomainGeneration(number, self.core.clock.now()))
             log.warning("domain_generation_abandoned", generation=number)
-            self.progress = f"generation {number}: abandoned (its maker left); request again"
+            await self._record(domain_events.ABANDONED, number, generation.check)
+            self.progress = f"generation {number}: abandoned (its maker left); starting over"
             return True
         confirmed, waiting = [self.node_id], []
         for member in self._other_members():
@@ -204,6 +212,7 @@ class DomainRotator:
             number, tuple(sorted(confirmed)), self.core.clock.now()))
         self.progress = f"generation {number}: active; re-wrapping"
         log.info("domain_generation_active", generation=number, members=len(confirmed))
+        await self._record(domain_events.ACTIVATED, number, generation.check)
         return True
 
     def _other_members(self) -> list[NodeRecord]:
@@ -236,6 +245,7 @@ class DomainRotator:
             await self.core.commit(commands.RetireDomainGeneration(number, self.core.clock.now()))
             self.progress = f"generation {number}: retired; destroying"
             log.info("domain_generation_retired", generation=number)
+            await self._record(domain_events.RETIRED, number, generation.check)
             return True
         batch = [b for b in remaining if b.locator not in self._unrewrappable][:REWRAP_BATCH]
         if not batch:
@@ -259,6 +269,18 @@ class DomainRotator:
         self.progress = (f"generation {number}: re-wrapping, "
                          f"{max(0, len(remaining) - len(items))} blobs left")
         return True
+
+    async def _record(self, step: str, number: int, check: str) -> None:
+        """The audit record of a step already committed; a lost one is logged, not retried."""
+        if self.audit is None:
+            return
+        event = domain_events.domain_event(step, number, check, self.core.regions[0],
+                                           self.core.account_id)
+        try:
+            await self.audit.commit((AuditEntry.of(event, self.node_id).event_bytes,
+                                     self.node_id, (), ()))
+        except AuditUnavailable:
+            log.warning("domain_rotation_audit_failed", step=step, generation=number)
 
     def _rewrap(self, stored: dg.StoredBlob) -> bytes:
         hsm = self.core.hsm
@@ -335,6 +357,19 @@ async def cluster_status(core: ServiceCore, peers: PeerClient,
     }
 
 
-async def request_rotation(core: ServiceCore) -> bool:
+async def request_rotation(core: ServiceCore, audit: AuditCommitter | None, caller: Caller,
+                           node_id: str, request_id: str) -> bool:
+    """Record the operator's request in the audit chain (fail closed: no record, no
+    rotation), then in the state; the leader takes it from there."""
+    if audit is not None:
+        identity = user_identity(caller.principal_arn, caller.account_id,
+                                 caller.access_key_id).to_dict()
+        event = domain_events.domain_event(domain_events.REQUESTED, None, None,
+                                           core.regions[0], core.account_id, identity,
+                                           request_id)
+        try:
+            await audit.commit((AuditEntry.of(event, node_id).event_bytes, node_id, (), ()))
+        except AuditUnavailable:
+            raise KMSInternalException(UNAVAILABLE_MESSAGE) from None
     return bool(await core.commit(commands.RequestDomainRotation(core.clock.now())))
 

@@ -183,6 +183,22 @@ def test_domain_rotation_rewraps_everything_online(rotating_cluster: Cluster) ->
     assert kms.describe_key(KeyId=keys["sym"])["KeyMetadata"]["CurrentKeyMaterialId"] \
         == material_id
 
+    # The audit chain records the operator's request and every step the leader took.
+    def rotation_steps() -> list[dict[str, Any]] | None:
+        out = os.path.join(cluster.data_dir, "rotation-audit.jsonl")
+        exported = kmsctl(cluster, "audit", "export", "--event", "RotateDomainKey",
+                          "--out", out)
+        assert exported.returncode == 0, exported.stderr
+        with open(out) as handle:
+            events = [json.loads(line) for line in handle if line.strip()]
+        steps = [e["additionalEventData"]["step"] for e in events]
+        return events if steps == ["requested", "begun", "activated", "retired"] else None
+
+    events = wait_for(rotation_steps, 20, what="the rotation's audit records")
+    assert events[0]["userIdentity"]["type"] == "Root"
+    assert {k: events[2]["additionalEventData"][k] for k in ("generation", "checkValue")} \
+        == {"generation": 2, "checkValue": new_check}
+
     # A restarted node comes back with only the new generation and serves.
     cluster.kill(2)
     cluster.restart(2)
