@@ -44,12 +44,13 @@ def token_labels(cluster: Cluster, node: int) -> list[str]:
     return json.loads(result.stdout)
 
 
-def kmsctl(cluster: Cluster, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+def kmsctl(cluster: Cluster, *args: str, timeout: float = 90,
+           node: int = 0) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "AWS_ACCESS_KEY_ID": cluster.info["access_key_id"],
            "AWS_SECRET_ACCESS_KEY": cluster.info["secret_access_key"],
            "AWS_REGION": cluster.region}
     return subprocess.run([sys.executable, "-m", "kmsd.kmsctl", "--endpoint",
-                           cluster.info["admin_endpoints"][0], *args],
+                           cluster.info["admin_endpoints"][node], *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -210,3 +211,63 @@ def test_domain_rotation_rewraps_everything_online(rotating_cluster: Cluster) ->
     status = wait_for(lambda: cluster.node_status(2), 10, what="node status")
     assert status["hsm"]["domain_generations"] == {"2": new_check}
     assert status["hsm"]["domain_key_verified"] is True
+
+
+def test_rotation_waits_for_a_member_that_is_down_and_survives_a_leader_change(
+        rotating_cluster: Cluster) -> None:
+    cluster = rotating_cluster
+    kms = cluster.client(0)
+    key_id = kms.create_key()["KeyMetadata"]["KeyId"]
+    ciphertext = kms.encrypt(KeyId=key_id, Plaintext=b"kept")["CiphertextBlob"]
+    leader = wait_for(cluster.leader, 20, what="a leader")
+    down, other = [n for n in range(cluster.size) if n != leader]
+    cluster.kill(down)
+
+    requested = kmsctl(cluster, "domain", "rotate", "--no-wait", node=leader)
+    assert requested.returncode == 0, requested.stderr
+    down_id = f"node-{down + 1}"
+
+    def waiting_for_the_member_that_is_down() -> bool:
+        status = domain_status(cluster, leader)
+        return (status["Phase"] == "cloning"
+                and down_id in (status["LeaderProgress"] or ""))
+
+    wait_for(waiting_for_the_member_that_is_down, 20, what="the leader to wait for a member")
+    # Nothing was re-wrapped while a member lacks the new key.
+    status = domain_status(cluster, leader)
+    assert status["ActiveGeneration"] == 1
+    assert {g["Generation"]: g["State"] for g in status["Generations"]} == {1: "active",
+                                                                            2: "pending"}
+
+    # The leader goes down and the member comes back: a new leader (which holds the pending
+    # key, or abandons it and starts over with a new generation) goes on, and waits in turn
+    # for the old leader, still a member.
+    cluster.kill(leader)
+    cluster.restart(down, wait=False)
+    new_leader = wait_for(lambda: cluster.leader([other, down]), 60, what="a new leader")
+    leader_id = f"node-{leader + 1}"
+
+    def waiting_for_the_old_leader() -> bool:
+        status = domain_status(cluster, new_leader)
+        return (status["Phase"] == "cloning"
+                and leader_id in (status["LeaderProgress"] or ""))
+
+    wait_for(waiting_for_the_old_leader, 30, what="the new leader to wait for the old one")
+    cluster.restart(leader, wait=False)
+    for node in range(cluster.size):
+        wait_for(lambda n=node: cluster.ready(n), 60, what=f"node {node} ready")
+
+    def finished() -> dict[str, Any] | None:
+        status = domain_status(cluster, other)
+        return status if status["Phase"] == "idle" and status["ActiveGeneration"] > 1 else None
+
+    final = wait_for(finished, 45, interval=0.5, what="the rotation to finish")
+    active = final["ActiveGeneration"]
+    check = next(g["Check"] for g in final["Generations"] if g["Generation"] == active)
+    assert all(m["Held"] == {str(active): check} for m in final["Members"])
+    assert {g["State"] for g in final["Generations"] if g["Generation"] != active} <= \
+        {"retired", "abandoned"}
+    for node in range(cluster.size):
+        assert cluster.client(node).decrypt(CiphertextBlob=ciphertext)["Plaintext"] == b"kept"
+        labels = [label for label in token_labels(cluster, node) if label.startswith("kmsd-")]
+        assert labels == [f"kmsd-domain-key-g{active}"], labels
