@@ -27,7 +27,7 @@ from aiohttp import web
 from cluster import commands
 from cluster.raft_node import RaftNode, RaftSettings, RaftUnavailable
 from cluster.state import Applied, KeyRecord, KmsState, Rejected
-from kmsd import bootstrap, sd_notify
+from kmsd import bootstrap, domain_blob, sd_notify
 from kmsd.api.admin import make_admin_app
 from kmsd.api.protocol import MAX_BODY_BYTES, Authenticator, KmsProtocol
 from kmsd.api.validation import RequestValidator
@@ -35,12 +35,12 @@ from kmsd.audit.backfill import Backfiller, peer_key
 from kmsd.audit.committer import AuditCommitter
 from kmsd.audit.digest_signer import DigestSigner
 from kmsd.audit.sink import SegmentSink
-from kmsd.auth.credentials import CredentialStore
+from kmsd.auth.credentials import CredentialStore, secret_aad
 from kmsd.auth.sigv4 import SigV4Verifier
 from kmsd.clock import Clock, OffsetClock, SystemClock
 from kmsd.config import NodeConfig
 from kmsd.hsm.asymmetric import AsymmetricKeys
-from kmsd.hsm.partition import HsmError, HsmPartition
+from kmsd.hsm.partition import HsmAuthenticationFailed, HsmError, HsmPartition
 from kmsd.hsm.worker_process import WorkerSettings
 from kmsd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kmsd.metrics import NodeFacts, NodeMetrics
@@ -231,9 +231,19 @@ class Node:
         if sealed is None:
             return
         if sealed.access_key_id not in self.state.access_keys:
+            secret = sealed.sealed_secret
+            if domain_blob.seal_generation(secret) != self.state.active_generation:
+                # `kmsd init` sealed it under the newest key in the token, which may not be
+                # the cluster's active generation (a rotation was under way).
+                try:
+                    secret = self.hsm.reseal(secret, secret_aad(sealed.access_key_id))
+                except HsmAuthenticationFailed:
+                    log.error("bootstrap_access_key_unreadable",
+                              access_key_id=sealed.access_key_id)
+                    return
             await principals.add_sealed_access_key(
                 self.core, principals.root_arn(self.config.account_id), sealed.access_key_id,
-                sealed.sealed_secret)
+                secret)
             log.info("bootstrap_access_key_added", access_key_id=sealed.access_key_id)
         bootstrap.done(self.config.data_dir)
 

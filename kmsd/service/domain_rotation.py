@@ -147,6 +147,9 @@ class DomainRotator:
                 except (KmsError, HsmError) as error:
                     self.progress = f"retrying: {type(error).__name__}"
                     log.warning("domain_rotation_step_failed", error=type(error).__name__)
+                except Exception as error:  # noqa: BLE001 - a dead rotator would stall silently
+                    self.progress = f"retrying after an unexpected {type(error).__name__}"
+                    log.error("domain_rotation_step_crashed", error=type(error).__name__)
             await asyncio.sleep(0 if busy else self.interval)
 
     async def step(self) -> bool:

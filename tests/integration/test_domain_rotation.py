@@ -212,6 +212,19 @@ def test_domain_rotation_rewraps_everything_online(rotating_cluster: Cluster) ->
     assert status["hsm"]["domain_generations"] == {"2": new_check}
     assert status["hsm"]["domain_key_verified"] is True
 
+    # So does the whole cluster, started again on the same data dirs (`kmsd init` seals a new
+    # root access key under the new generation).
+    cluster.stop()
+    again = start_cluster(cluster.data_dir)
+    try:
+        for node in range(again.size):
+            assert again.client(node).decrypt(
+                CiphertextBlob=old_ciphertext,
+                EncryptionContext={"a": "b"})["Plaintext"] == b"before"
+        assert domain_status(again)["ActiveGeneration"] == 2
+    finally:
+        again.stop()
+
 
 def test_rotation_waits_for_a_member_that_is_down_and_survives_a_leader_change(
         rotating_cluster: Cluster) -> None:
