@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from kmsd.config import load as load_config
-from tests.integration.harness import Cluster, start_cluster, wait_for
+from tests.integration.harness import Cluster, start_cluster, stored_views, wait_for
 from tests.integration.test_membership import _kmsd, _new_node
 
 _LIST_TOKEN = """
@@ -212,6 +212,14 @@ def test_domain_rotation_rewraps_everything_online(rotating_cluster: Cluster) ->
     status = wait_for(lambda: cluster.node_status(2), 10, what="node status")
     assert status["hsm"]["domain_generations"] == {"2": new_check}
     assert status["hsm"]["domain_key_verified"] is True
+
+    # Re-sealing opened the access keys' secrets in the leader's memory only: no file, log or
+    # record holds them.
+    secrets = [user["secret_access_key"].encode(), cluster.info["secret_access_key"].encode()]
+    for directory, _, names in os.walk(cluster.data_dir):
+        for name in names:
+            for content in stored_views(os.path.join(directory, name)):
+                assert not any(secret in content for secret in secrets), name
 
     # So does the whole cluster, started again on the same data dirs (`kmsd init` seals a new
     # root access key under the new generation).
