@@ -171,8 +171,14 @@ class DomainRotator:
     # -- 1. a new generation -----------------------------------------------------
 
     async def _begin(self) -> bool:
+        # A leader fresh from an election may not have applied all it knows committed yet:
+        # the earlier leader's BeginDomainRotation may be among it.
+        await self.core.catch_up()
+        state = self.core.state
+        if state.rotation_in_progress or state.domain_rotation_requested_at is None:
+            return True
         hsm = self.core.hsm
-        number = max(self.core.state.domain_generations) + 1
+        number = max(state.domain_generations) + 1
         if hsm.has_domain_key(number):
             # Made by an earlier attempt whose proposal never committed.
             hsm.destroy_generation(number)
@@ -194,6 +200,9 @@ class DomainRotator:
     async def _clone(self, generation: dg.DomainGeneration) -> bool:
         number = generation.generation
         if self.core.hsm.held_generations().get(number) != generation.check:
+            await self.core.catch_up()
+            if self.core.state.domain_generations.get(number) != generation:
+                return True  # the log moved on meanwhile: look again
             await self.core.commit(commands.AbandonDomainGeneration(number, self.core.clock.now()))
             log.warning("domain_generation_abandoned", generation=number)
             await self._record(domain_events.ABANDONED, number, generation.check)

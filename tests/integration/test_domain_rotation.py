@@ -184,6 +184,11 @@ def test_domain_rotation_rewraps_everything_online(rotating_cluster: Cluster) ->
         cluster.as_user(node, user).list_aliases(Limit=1)
     assert kms.describe_key(KeyId=keys["sym"])["KeyMetadata"]["CurrentKeyMaterialId"] \
         == material_id
+    # RSA keys are made in the HSM helper process: it wraps under the new generation too.
+    rsa = kms.create_key(KeySpec="RSA_2048", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]
+    for node in range(cluster.size):
+        cluster.client(node).sign(KeyId=rsa, Message=b"after", MessageType="RAW",
+                                  SigningAlgorithm="RSASSA_PSS_SHA_256")
 
     # The audit chain records the operator's request and every step the leader took.
     def rotation_steps() -> list[dict[str, Any]] | None:
