@@ -6,7 +6,8 @@
                                                  any node: it goes through Raft to the leader
 
 Member to member (peer HMAC, see kmsd/api/admin.py; a body is bound by body_sha256):
-    GET  /v1/internal/domain/held                generation -> check value in this token
+    GET  /v1/internal/domain/held                generation -> check value in this token, and
+                                                 the active generation this node has applied
     POST /v1/internal/domain/transport?generation=N   make a transport key for generation N
     POST /v1/internal/domain/accept?generation=N      unwrap generation N sent by the leader
     POST /v1/internal/domain/sync                destroy retired generations in this token
@@ -58,7 +59,8 @@ def add_domain_routes(app: web.Application, core: ServiceCore, rotator: DomainRo
         return respond({"Started": started, **await cluster_status(core, peers, rotator)})
 
     async def held(_request: web.Request) -> web.Response:
-        return respond({"Held": held_as_json(core.hsm.held_generations())})
+        return respond({"Held": held_as_json(core.hsm.held_generations()),
+                        "ActiveGeneration": core.state.active_generation})
 
     async def transport(request: web.Request) -> web.Response:
         point = await domain_members.transport_point(core, _generation(request))

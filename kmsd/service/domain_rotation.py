@@ -22,8 +22,11 @@ up a rotation where the old one stopped. One step at a time:
    proposes them in batches of REWRAP_BATCH (RewrapDomainBlobs). The state
    machine applies an item only if the blob is still the one re-wrapped, so
    a concurrent DeleteKey, import or deletion wins; the next round picks up
-   whatever changed. When no blob refers to the old generation,
-   RetireDomainGeneration.
+   whatever changed. When no blob refers to the old generation, every member
+   that answers has applied the activation (so wraps no more under the old
+   one) and RETIRE_GRACE_SECONDS have passed since it, one last look, then
+   RetireDomainGeneration. A proposal that still carries a blob of a retired
+   generation is refused with a retryable error.
 4. retired -> after DESTROY_GRACE_SECONDS (requests that read an old blob
    just before the last re-wrap finish meanwhile), every member destroys
    the retired key in its token (`/v1/internal/domain/sync`); a member that
@@ -73,6 +76,9 @@ log = structlog.get_logger("kmsd.domain")
 
 REWRAP_BATCH = 32
 DESTROY_GRACE_SECONDS = 2.0
+# The old generation stays until this long after the activation, and until every member that
+# answers has applied it (requests already past their wrap land meanwhile).
+RETIRE_GRACE_SECONDS = 1.0
 PEER_TIMEOUT_SECONDS = 10.0
 
 
@@ -254,6 +260,20 @@ class DomainRotator:
         number = generation.generation
         remaining = [b for b in dg.stored_blobs(state) if b.generation == number]
         if not remaining:
+            activated = state.domain_generations[state.active_generation].changed_at
+            if self.core.clock.now() - activated < RETIRE_GRACE_SECONDS:
+                self.progress = f"generation {number}: re-wrapped; retiring shortly"
+                return False
+            lagging = await self._not_yet_active(state.active_generation)
+            if lagging:
+                self.progress = (f"generation {number}: re-wrapped; waiting for "
+                                 f"{', '.join(lagging)} to apply the new generation")
+                return False
+            # A blob wrapped just before a member applied the activation may have reached
+            # the log meanwhile: look once more.
+            await self.core.catch_up()
+            if any(b.generation == number for b in dg.stored_blobs(self.core.state)):
+                return True
             await self.core.commit(commands.RetireDomainGeneration(number, self.core.clock.now()))
             self.progress = f"generation {number}: retired; destroying"
             log.info("domain_generation_retired", generation=number)
@@ -293,6 +313,21 @@ class DomainRotator:
                                      self.node_id, (), ()))
         except AuditUnavailable:
             log.warning("domain_rotation_audit_failed", step=step, generation=number)
+
+    async def _not_yet_active(self, active: int) -> list[str]:
+        """Members that answer but have not applied the activation yet: they may still wrap
+        new keys under the retiring generation. One that does not answer proposes nothing,
+        and applies the whole log before it serves again."""
+        lagging = []
+        for member in self._other_members():
+            try:
+                answer = await self.peers.call(member.admin_url, "GET",
+                                               "/v1/internal/domain/held")
+            except PeerError:
+                continue
+            if answer.get("ActiveGeneration") != active:
+                lagging.append(member.node_id)
+        return lagging
 
     def _rewrap(self, stored: dg.StoredBlob) -> bytes:
         hsm = self.core.hsm
