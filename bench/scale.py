@@ -9,7 +9,8 @@ Starts `kmsd dev --nodes 3` on 127.0.0.1 and:
 2. measures each node's RSS (/proc) before and after, i.e. memory per key;
 3. measures the Raft snapshot: the raft.snapshot size on every node, and the time to
    write one (the node's own path: KmsState.to_snapshot + pysyncobj's gzip'd pickle,
-   timed in a child process on the node's state) and to load it again;
+   which a node runs in a forked child; timed here in a child process on the node's
+   state) and to load it again;
 4. measures restart-to-ready of a follower (SIGTERM + start, and SIGKILL + start):
    until /readyz answers 200, and until it serves a Decrypt;
 5. measures Decrypt throughput (wrk, load over all nodes) with the working set spread
@@ -423,7 +424,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines += ["", f"Snapshot of {t['keys']:,} keys ({t['state_msgpack_bytes']:,} bytes of "
                   f"msgpack before gzip): write {t['snapshot_write_s'] * 1000:,.0f} ms "
                   f"(to_snapshot {t['serialize_s'] * 1000:,.0f} ms + pickle/gzip "
-                  f"{t['pickle_gzip_s'] * 1000:,.0f} ms, on the Raft tick thread), load "
+                  f"{t['pickle_gzip_s'] * 1000:,.0f} ms, done in the child pysyncobj "
+                  "forks: the tick thread only forks), load "
                   f"{t['snapshot_load_s'] * 1000:,.0f} ms."]
     lines += ["", "## Restart to ready (a follower)", "",
               "| how | to /readyz 200 s | to serving Decrypt s | RSS after ready MiB |",

@@ -80,6 +80,8 @@ class CreateKey(Command):
     at: float
     # DER SubjectPublicKeyInfo of an asymmetric key (not secret); None otherwise.
     public_key: bytes | None = None
+    # A key in a custom key store: its backing key is wrapped under that store's key.
+    custom_key_store_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,10 @@ class SetImportParameters(Command):
 class ImportKeyMaterial(Command):
     """Imported material, unwrapped in the proposer's HSM and re-wrapped under the domain key.
 
-    `material_check` is a key check value computed in the HSM (AES-CMAC of a constant): apply
-    compares it with the key's first import, so different material is refused everywhere alike.
+    `material_check` is a key check value computed in the HSM (kmsd.hsm.imported_material):
+    apply compares it with the key's first import, so different material is refused everywhere
+    alike. `public_key` is the DER SubjectPublicKeyInfo the proposer's HSM derived from an
+    imported asymmetric private key (None for symmetric and HMAC keys).
     """
 
     key_id: str
@@ -113,6 +117,7 @@ class ImportKeyMaterial(Command):
     expiration_model: str
     valid_to: float | None
     at: float
+    public_key: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,50 @@ class DeleteImportedKeyMaterial(Command):
     key_id: str
     at: float
     expired_only: bool = False
+
+
+@dataclass(frozen=True)
+class CreateCustomKeyStore(Command):
+    """A CloudHSM-type key store: a PKCS#11 token (label = CloudHsmClusterId) on every node.
+
+    `sealed_password` is the token PIN (KeyStorePassword) sealed under the domain key."""
+
+    store_id: str
+    region: str
+    account_id: str
+    name: str
+    cluster_id: str
+    trust_anchor: str
+    sealed_password: bytes
+    at: float
+    max_stores: int
+
+
+@dataclass(frozen=True)
+class UpdateCustomKeyStore(Command):
+    """Any of the new name, token (CloudHsmClusterId) and sealed PIN; None leaves it."""
+
+    store_id: str
+    new_name: str | None
+    cluster_id: str | None
+    sealed_password: bytes | None
+
+
+@dataclass(frozen=True)
+class SetCustomKeyStoreConnection(Command):
+    """ConnectCustomKeyStore's outcome (CONNECTED, or FAILED with an error code) or
+    DisconnectCustomKeyStore (DISCONNECTED). `key_check` is the store key's check value the
+    proposer's token showed when connecting; the first one is kept."""
+
+    store_id: str
+    connection_state: str
+    error_code: str | None = None
+    key_check: str | None = None
+
+
+@dataclass(frozen=True)
+class DeleteCustomKeyStore(Command):
+    store_id: str
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,13 @@ leader's batch, even entries that match the leader's log (Raft deletes only
 from the first conflict). A retransmitted, shorter batch then drops entries
 the follower had acknowledged (and applied); under faults such a follower can
 win an election and committed entries are lost (found by the chaos runs).
-Here a follower keeps the suffix entries of the current term -- by Raft's log
-matching property they came from the current leader and match its log -- and
-truncates only from the first entry of another term; re-sent entries already
-present are skipped rather than appended twice.
+Here a follower keeps the entries it knows to be committed (Raft's leader
+completeness: every later leader holds them) and the suffix entries of the
+current term (by log matching they came from the current leader and match its
+log), and truncates only from the first other entry; re-sent entries already
+present are skipped rather than appended twice. (The follower's commit index
+only ever covers entries verified against a leader's log: see
+cluster/syncobj_guard.py.)
 
 It relies on FileJournal internals of the pinned pysyncobj version (checked by
 tests/unit/cluster/test_journal.py).
@@ -51,8 +54,12 @@ class ScrubbingFileJournal(FileJournal):
     def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N803 - pysyncobj's name
         if self.current_term is not None:
             term = self.current_term()
-            while entryFrom < len(self) and self[entryFrom][2] == term:
-                entryFrom += 1  # the current leader's own entry: it matches; keep it
+            committed = self.getRaftCommitIndex()
+            # Committed entries are in every later leader's log, and the current term's
+            # entries came from the current leader: both match it, so both are kept.
+            while entryFrom < len(self) and (self[entryFrom][1] <= committed
+                                             or self[entryFrom][2] == term):
+                entryFrom += 1
         self._truncate(entryFrom)
 
     def _truncate(self, entryFrom: int) -> None:  # noqa: N803

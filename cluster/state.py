@@ -81,6 +81,8 @@ class KeyRecord:
     expiration_model: str | None = None
     valid_to: float | None = None
     material_check: str | None = None
+    # The custom key store the key lives in (its material is wrapped under the store's key).
+    custom_key_store_id: str | None = None
 
     @property
     def arn(self) -> str:
@@ -108,6 +110,33 @@ class ImportParameters:
     wrapped_private: bytes  # the RSA wrapping private key, wrapped under the domain key
     public_key: bytes
     expires_at: float
+
+
+STORE_CONNECTED = "CONNECTED"
+STORE_DISCONNECTED = "DISCONNECTED"
+STORE_FAILED = "FAILED"
+STORE_TYPE_CLOUDHSM = "AWS_CLOUDHSM"
+
+
+@dataclass(frozen=True)
+class CustomKeyStoreRecord:
+    """A CloudHSM-type custom key store. kmsd's "cluster" is a PKCS#11 token whose label is
+    the CloudHsmClusterId, present on every node and holding the same store key; the
+    KeyStorePassword is that token's user PIN, kept only sealed under the domain key."""
+
+    store_id: str
+    region: str
+    account_id: str
+    name: str
+    store_type: str
+    cluster_id: str
+    trust_anchor: str
+    sealed_password: bytes
+    connection_state: str
+    created_at: float
+    error_code: str | None = None
+    # The store key's check value, recorded at the first successful connection.
+    key_check: str | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +215,15 @@ class Applied:
     value: Any = None
 
 
+@dataclass(frozen=True)
+class MaterialDeleted:
+    """DeleteImportedKeyMaterial's result: the key as it is now, and the wrapped material it
+    no longer has, so that every node can drop the HSM handles it holds for that material."""
+
+    record: KeyRecord
+    removed: tuple[bytes, ...]
+
+
 ApplyResult = Applied | Rejected
 
 
@@ -219,6 +257,7 @@ class KmsState(dg.DomainGenerationsMixin):
         self.grants: dict[str, GrantRecord] = {}
         # Key id -> its current import parameters (EXTERNAL keys only).
         self.import_parameters: dict[str, ImportParameters] = {}
+        self.custom_key_stores: dict[str, CustomKeyStoreRecord] = {}
         self.nodes: dict[str, NodeRecord] = {}
         # Join tokens by SHA-256: (expiry, node id that used it or "").
         self.join_tokens: dict[str, tuple[float, str]] = {}
@@ -303,6 +342,7 @@ class KmsState(dg.DomainGenerationsMixin):
                               f"live generations are {live}.")
         # This cluster keeps its own members, audit chain and credentials made so far.
         self.keys = dict(saved.keys)
+        self.custom_key_stores = dict(saved.custom_key_stores)
         self.aliases = dict(saved.aliases)
         self.grants = dict(saved.grants)
         self.key_usage = dict(saved.key_usage)
@@ -426,7 +466,15 @@ class KmsState(dg.DomainGenerationsMixin):
     def _apply_CreateKey(self, cmd: c.CreateKey) -> KeyRecord:
         if cmd.key_id in self.keys:
             raise _Refuse("AlreadyExistsException", f"Key '{cmd.key_id}' already exists")
-        if cmd.origin != ORIGIN_EXTERNAL:
+        if cmd.custom_key_store_id is not None:
+            store = self._store(cmd.custom_key_store_id)
+            if store.connection_state != STORE_CONNECTED:
+                raise _Refuse("CustomKeyStoreInvalidStateException",
+                              f"Custom key store {store.store_id} is not connected "
+                              f"({store.connection_state}).")
+        elif cmd.origin != ORIGIN_EXTERNAL:
+            # A store key's backing key is wrapped under the store's own key, which no
+            # domain-key generation names.
             self.require_live_blob(dg.BACKING_KEY, cmd.wrapped_backing_key)
         record = KeyRecord(
             key_id=cmd.key_id, region=cmd.region, account_id=cmd.account_id,
@@ -434,7 +482,7 @@ class KmsState(dg.DomainGenerationsMixin):
             origin=cmd.origin, policy=cmd.policy, tags=cmd.tags, created_at=cmd.at,
             key_state=KEY_STATE_ENABLED,
             backing_keys=(BackingKey(1, cmd.wrapped_backing_key, cmd.at),), epoch=1,
-            public_key=cmd.public_key)
+            public_key=cmd.public_key, custom_key_store_id=cmd.custom_key_store_id)
         if cmd.origin == ORIGIN_EXTERNAL:
             # No material until ImportKeyMaterial.
             record = dataclasses.replace(record, key_state=KEY_STATE_PENDING_IMPORT,
@@ -569,6 +617,108 @@ class KmsState(dg.DomainGenerationsMixin):
                 updated, next_rotation_at=cmd.at + record.rotation_period_days * SECONDS_PER_DAY)
         return self._put(updated)
 
+    # -- custom key stores ----------------------------------------------------
+
+    def _store(self, store_id: str) -> CustomKeyStoreRecord:
+        store = self.custom_key_stores.get(store_id)
+        if store is None:
+            raise _Refuse("CustomKeyStoreNotFoundException",
+                          f"Custom key store {store_id} does not exist.")
+        return store
+
+    def _check_store_names(self, store: CustomKeyStoreRecord) -> None:
+        for other in self.custom_key_stores.values():
+            if other.store_id == store.store_id or (other.region, other.account_id) != (
+                    store.region, store.account_id):
+                continue
+            if other.name == store.name:
+                raise _Refuse("CustomKeyStoreNameInUseException",
+                              f"The custom key store name {store.name} is already in use.")
+            if other.cluster_id == store.cluster_id:
+                raise _Refuse("CloudHsmClusterInUseException",
+                              f"{store.cluster_id} is already associated with custom key "
+                              f"store {other.store_id}.")
+
+    def _apply_CreateCustomKeyStore(self, cmd: c.CreateCustomKeyStore) -> CustomKeyStoreRecord:
+        store = CustomKeyStoreRecord(
+            cmd.store_id, cmd.region, cmd.account_id, cmd.name, STORE_TYPE_CLOUDHSM,
+            cmd.cluster_id, cmd.trust_anchor, cmd.sealed_password, STORE_DISCONNECTED, cmd.at)
+        if cmd.store_id in self.custom_key_stores:
+            raise _Refuse("KMSInternalException", f"Custom key store {cmd.store_id} exists.")
+        self._check_store_names(store)
+        if sum((s.region, s.account_id) == (cmd.region, cmd.account_id)
+               for s in self.custom_key_stores.values()) >= cmd.max_stores:
+            raise _Refuse("LimitExceededException",
+                          f"An account can have at most {cmd.max_stores} custom key stores "
+                          "in a region.")
+        self.custom_key_stores[cmd.store_id] = store
+        return store
+
+    def _apply_UpdateCustomKeyStore(self, cmd: c.UpdateCustomKeyStore) -> CustomKeyStoreRecord:
+        store = self._store(cmd.store_id)
+        # AWS: only the name may change while connected; everything else needs DISCONNECTED.
+        if (cmd.cluster_id is not None or cmd.sealed_password is not None) and \
+                store.connection_state != STORE_DISCONNECTED:
+            raise _Refuse("CustomKeyStoreInvalidStateException",
+                          f"Custom key store {store.store_id} must be disconnected to change "
+                          "its CloudHSM cluster or password.")
+        if cmd.new_name is not None and store.connection_state not in (STORE_DISCONNECTED,
+                                                                       STORE_CONNECTED):
+            raise _Refuse("CustomKeyStoreInvalidStateException",
+                          f"Custom key store {store.store_id} is {store.connection_state}.")
+        updated = dataclasses.replace(
+            store, name=cmd.new_name if cmd.new_name is not None else store.name,
+            cluster_id=cmd.cluster_id if cmd.cluster_id is not None else store.cluster_id,
+            sealed_password=(cmd.sealed_password if cmd.sealed_password is not None
+                             else store.sealed_password))
+        self._check_store_names(updated)
+        self.custom_key_stores[store.store_id] = updated
+        return updated
+
+    def _apply_SetCustomKeyStoreConnection(self, cmd: c.SetCustomKeyStoreConnection
+                                           ) -> CustomKeyStoreRecord:
+        store = self._store(cmd.store_id)
+        if cmd.connection_state == STORE_DISCONNECTED:
+            if store.connection_state == STORE_DISCONNECTED:
+                raise _Refuse("CustomKeyStoreInvalidStateException",
+                              f"Custom key store {store.store_id} is already disconnected.")
+            updated = dataclasses.replace(store, connection_state=STORE_DISCONNECTED,
+                                          error_code=None)
+        elif cmd.connection_state in (STORE_CONNECTED, STORE_FAILED):
+            if store.connection_state == STORE_FAILED:
+                raise _Refuse("CustomKeyStoreInvalidStateException",
+                              f"Custom key store {store.store_id} is FAILED: disconnect it, "
+                              "then connect it.")
+            if (cmd.connection_state == STORE_CONNECTED and store.key_check is not None
+                    and cmd.key_check != store.key_check):
+                # Another token, or another store key, than the one the store's keys need.
+                updated = dataclasses.replace(store, connection_state=STORE_FAILED,
+                                              error_code="CLUSTER_NOT_FOUND")
+            else:
+                updated = dataclasses.replace(
+                    store, connection_state=cmd.connection_state,
+                    error_code=cmd.error_code if cmd.connection_state == STORE_FAILED else None,
+                    key_check=store.key_check or (
+                        cmd.key_check if cmd.connection_state == STORE_CONNECTED else None))
+        else:
+            raise _Refuse("KMSInternalException",
+                          f"unknown connection state {cmd.connection_state}")
+        self.custom_key_stores[store.store_id] = updated
+        return updated
+
+    def _apply_DeleteCustomKeyStore(self, cmd: c.DeleteCustomKeyStore) -> CustomKeyStoreRecord:
+        store = self._store(cmd.store_id)
+        if store.connection_state != STORE_DISCONNECTED:
+            raise _Refuse("CustomKeyStoreInvalidStateException",
+                          f"Custom key store {store.store_id} must be disconnected before it "
+                          "is deleted.")
+        if any(k.custom_key_store_id == store.store_id for k in self.keys.values()):
+            raise _Refuse("CustomKeyStoreHasCMKsException",
+                          f"Custom key store {store.store_id} contains KMS keys; delete them "
+                          "(ScheduleKeyDeletion) first.")
+        del self.custom_key_stores[store.store_id]
+        return store
+
     # -- imported key material (Origin EXTERNAL) ------------------------------
 
     def _external_key(self, key_id: str) -> KeyRecord:
@@ -601,6 +751,17 @@ class KmsState(dg.DomainGenerationsMixin):
             raise _Refuse("IncorrectKeyMaterialException",
                           f"The key material is not the key material previously imported "
                           f"into {record.arn}.")
+        asymmetric = record.key_spec != "SYMMETRIC_DEFAULT" and \
+            not record.key_spec.startswith("HMAC_")
+        if asymmetric != (cmd.public_key is not None):
+            # An asymmetric key's material always comes with the public key derived from it.
+            raise _Refuse("KMSInternalException",
+                          f"The import into {record.arn} does not fit its key spec.")
+        if (record.public_key is not None and cmd.public_key is not None
+                and record.public_key != cmd.public_key):
+            raise _Refuse("IncorrectKeyMaterialException",
+                          f"The key material is not the key material previously imported "
+                          f"into {record.arn}.")
         if not record.backing_keys:
             self.require_live_blob(dg.BACKING_KEY, cmd.wrapped_backing_key)
         backing_keys = record.backing_keys or (BackingKey(1, cmd.wrapped_backing_key, cmd.at),)
@@ -609,11 +770,13 @@ class KmsState(dg.DomainGenerationsMixin):
         return self._put(dataclasses.replace(
             record, backing_keys=backing_keys, key_state=key_state,
             expiration_model=cmd.expiration_model, valid_to=cmd.valid_to,
-            material_check=cmd.material_check, epoch=record.epoch + 1))
+            material_check=cmd.material_check,
+            public_key=record.public_key or cmd.public_key, epoch=record.epoch + 1))
 
     def _apply_DeleteImportedKeyMaterial(self, cmd: c.DeleteImportedKeyMaterial
-                                         ) -> KeyRecord | None:
-        """Returns the updated key, or None for an expiry that is not (or no longer) due."""
+                                         ) -> MaterialDeleted | None:
+        """The updated key and its removed material, or None for an expiry that is not (or no
+        longer) due."""
         if cmd.expired_only:
             record = self.keys.get(cmd.key_id)
             if (record is None or record.origin != ORIGIN_EXTERNAL or not record.backing_keys
@@ -622,9 +785,10 @@ class KmsState(dg.DomainGenerationsMixin):
                 return None
         else:
             record = self._external_key(cmd.key_id)
-        return self._put(dataclasses.replace(
+        removed = tuple(b.wrapped for b in record.backing_keys)
+        return MaterialDeleted(self._put(dataclasses.replace(
             record, backing_keys=(), key_state=KEY_STATE_PENDING_IMPORT,
-            expiration_model=None, valid_to=None, epoch=record.epoch + 1))
+            expiration_model=None, valid_to=None, epoch=record.epoch + 1)), removed)
 
     def _put(self, record: KeyRecord) -> KeyRecord:
         self.keys[record.key_id] = record
@@ -671,6 +835,7 @@ class KmsState(dg.DomainGenerationsMixin):
             "principals": records(self.principals),
             "grants": records(self.grants),
             "import_parameters": records(self.import_parameters),
+            "custom_key_stores": records(self.custom_key_stores),
             "nodes": records(self.nodes),
             "join_tokens": {k: list(v) for k, v in sorted(self.join_tokens.items())},
             "domain_key_check": self.domain_key_check,
@@ -707,10 +872,13 @@ class KmsState(dg.DomainGenerationsMixin):
             grants[g["grant_id"]] = GrantRecord(**g)
         import_parameters = {p["key_id"]: ImportParameters(**p)
                              for p in raw.get("import_parameters", [])}
+        custom_key_stores = {k["store_id"]: CustomKeyStoreRecord(**k)
+                             for k in raw.get("custom_key_stores", [])}
         # Whole dicts are swapped in, never mutated, so concurrent readers see old or new.
         self.keys, self.aliases, self.access_keys, self.nodes = keys, aliases, access_keys, nodes
         self.principals, self.grants = principals, grants
         self.import_parameters = import_parameters
+        self.custom_key_stores = custom_key_stores
         self.join_tokens = {k: (v[0], v[1]) for k, v in raw.get("join_tokens", {}).items()}
         self.domain_generations = self.generations_from_snapshot(raw)
         self.domain_rotation_requested_at = raw.get("domain_rotation_requested_at")

@@ -1,4 +1,5 @@
-"""pysyncobj's SyncObj with a Raft safety hole of the pinned 0.3.17 closed.
+"""pysyncobj's SyncObj with a Raft safety hole of the pinned 0.3.17 closed,
+and one wasted tick of a single-member cluster removed.
 
 A follower receiving append_entries takes the leader's commit index and moves
 its own to `min(leader_commit, last index of its own log)`. For regular
@@ -16,6 +17,13 @@ the chaos runs, reproduced in tests/unit/cluster/test_syncobj_guard.py).
 snapshot transfer itself, and the leader commit index used for readiness.
 The follower's commit index moves again with the first regular batch after
 the snapshot is installed, once its log is known to match the leader's.
+
+The wake: a leader appends queued commands at the end of its tick, after the
+tick's commit step, and then sleeps in its poller until a socket event or
+`autoTickPeriod` (50 ms). With peers, their acknowledgements wake it; a
+single-member cluster has none, so every commit waited the whole period
+(measured: 18 Decrypt/s at one request in flight). After appending, such a
+leader now wakes its own poller so the next tick commits at once.
 """
 
 from __future__ import annotations
@@ -43,3 +51,12 @@ class GuardedSyncObj(SyncObj):
             # An installed snapshot is committed state: its index is committed.
             self._SyncObj__raftCommitIndex = applied
             self._SyncObj__raftLog.setRaftCommitIndex(applied)  # type: ignore[attr-defined]
+
+    def _checkCommandsToApply(self) -> None:  # noqa: N802 - pysyncobj's name
+        appended_from = self._SyncObj__getCurrentLogIndex()  # type: ignore[attr-defined]
+        super()._checkCommandsToApply()
+        notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+        if (notifier is not None and not self._SyncObj__otherNodes  # type: ignore[attr-defined]
+                and self._SyncObj__getCurrentLogIndex() != appended_from  # type: ignore[attr-defined]
+                and self._isLeader()):
+            notifier.notify()

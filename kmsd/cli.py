@@ -42,7 +42,8 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         account_id=args.account_id, regions=regions, access_key_id=args.access_key_id,
         secret_access_key=args.secret_access_key, scheduler_interval=args.scheduler_interval,
         test_clock=args.test_clock, tls=args.tls,
-        compaction_min_entries=args.compaction_entries))
+        compaction_min_entries=args.compaction_entries,
+        key_store_tokens=tuple(args.key_store_token)))
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds between the leader's deletion/rotation checks")
     dev.add_argument("--compaction-entries", type=int, default=2000,
                      help="snapshot the state and compact the Raft journal every N entries")
+    dev.add_argument("--key-store-token", action="append", default=[], metavar="LABEL",
+                     help="provision a custom key store token with this label (its "
+                          "CloudHsmClusterId, e.g. cluster-kmsdstore1a) on every node")
     dev.add_argument("--tls", action="store_true",
                      help="HTTPS on every port with a private CA (its path: ca_bundle)")
     dev.add_argument("--test-clock", action="store_true",

@@ -77,6 +77,13 @@ MalformedPolicyDocumentException = _define("MalformedPolicyDocumentException")
 NotFoundException = _define("NotFoundException")
 TagException = _define("TagException")
 UnsupportedOperationException = _define("UnsupportedOperationException")
+CustomKeyStoreNotFoundException = _define("CustomKeyStoreNotFoundException")
+CustomKeyStoreInvalidStateException = _define("CustomKeyStoreInvalidStateException")
+CustomKeyStoreNameInUseException = _define("CustomKeyStoreNameInUseException")
+CustomKeyStoreHasCMKsException = _define("CustomKeyStoreHasCMKsException")
+CloudHsmClusterInUseException = _define("CloudHsmClusterInUseException")
+CloudHsmClusterNotFoundException = _define("CloudHsmClusterNotFoundException")
+CloudHsmClusterNotRelatedException = _define("CloudHsmClusterNotRelatedException")
 
 
 def error_class(name: str) -> type[KmsError]:

@@ -26,7 +26,14 @@ from aiohttp import web
 
 from cluster import commands
 from cluster.raft_node import RaftNode, RaftSettings, RaftUnavailable
-from cluster.state import Applied, KeyRecord, KmsState, Rejected
+from cluster.state import (
+    STORE_CONNECTED,
+    Applied,
+    KeyRecord,
+    KmsState,
+    MaterialDeleted,
+    Rejected,
+)
 from kmsd import bootstrap, domain_blob, sd_notify
 from kmsd.api.admin import make_admin_app
 from kmsd.api.protocol import MAX_BODY_BYTES, Authenticator, KmsProtocol
@@ -130,6 +137,7 @@ class Node:
         self._not_ready = "The node is starting."
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Future[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _on_applied(self, command: commands.Command, result: object) -> None:
@@ -142,8 +150,51 @@ class Node:
             removed = [b.wrapped for b in result.value.backing_keys]
             # Handles belong to the event loop's thread; the journal is compacted so the
             # deleted material leaves the disk.
-            self._loop.call_soon_threadsafe(lambda: [self.hsm.evict(w) for w in removed])
+            self._loop.call_soon_threadsafe(self._forget_key, removed)
             self.raft.force_compaction()
+            return
+        if (isinstance(command, (commands.SetCustomKeyStoreConnection,
+                                 commands.UpdateCustomKeyStore, commands.DeleteCustomKeyStore))
+                and isinstance(result, Applied) and self._loop is not None):
+            store = result.value
+            if (not isinstance(command, commands.SetCustomKeyStoreConnection)
+                    or store.connection_state != STORE_CONNECTED):
+                # Disconnected, changed or deleted: every node ends its session with the
+                # store's token at this log position (reopened with the new settings on use).
+                self._loop.call_soon_threadsafe(self.core.key_stores.close, store.store_id)
+            return
+        if (isinstance(command, commands.DeleteImportedKeyMaterial)
+                and isinstance(result, Applied) and isinstance(result.value, MaterialDeleted)
+                and self._loop is not None):
+            # Every node, not only the one that served the request (or ran the expiry),
+            # forgets the deleted material at this log position.
+            self._loop.call_soon_threadsafe(self._forget_material, result.value.removed)
+
+    def _forget_key(self, removed: list[bytes]) -> None:
+        """On the event loop: drop the handles of a deleted key's material (the node's token
+        or its custom key store's)."""
+        for wrapped in removed:
+            self.hsm.evict(wrapped)
+            self.core.key_stores.evict(wrapped)
+
+    def _forget_material(self, removed: tuple[bytes, ...]) -> None:
+        """On the event loop: drop this node's HSM handles for material the cluster deleted."""
+        for wrapped in removed:
+            self.hsm.evict(wrapped)
+        task = asyncio.ensure_future(self._forget_asymmetric(removed))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _forget_asymmetric(self, removed: tuple[bytes, ...]) -> None:
+        try:
+            await self.asymmetric.router.evict(removed)
+        except HsmError as error:
+            # The helper process is gone or restarting: its handles went with it.
+            log.warning("forget_material_failed", error=type(error).__name__)
+
+    def cached_handles(self) -> int:
+        """Unwrapped keys this node holds as HSM session objects (on the event loop's side)."""
+        return self.hsm.cached_handles + self.asymmetric.router.inline.cached_handles
 
     # -- readiness -----------------------------------------------------------
 
@@ -275,7 +326,8 @@ class Node:
                                             == self.state.domain_key_check),
                     "domain_generations": {str(k): v for k, v in sorted(held.items())},
                     "handle_cache_hits": self.hsm.handle_cache_hits,
-                    "handle_cache_misses": self.hsm.handle_cache_misses},
+                    "handle_cache_misses": self.hsm.handle_cache_misses,
+                    "cached_handles": self.cached_handles()},
             "raft": self.raft.status(),
             "audit": {"chain_head": {"seq": self.state.audit.head.seq,
                                      "hash": self.state.audit.head.hash},
@@ -324,8 +376,9 @@ class Node:
         for app, listen in ((self.api_app(), self.config.api_listen),
                             (make_admin_app(self.authenticator, self.core, self.status,
                                             self.audit_sink, self.digest_signer,
-                                            self._raft_password, self.domain_rotator,
-                                            self.peers),
+                                            self._raft_password, self.config.node_id,
+                                            self.domain_rotator, self.peers,
+                                            self._peer_ssl_context()),
                              self.config.admin_listen)):
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
@@ -360,6 +413,7 @@ class Node:
         self.raft.stop()
         self.audit_sink.close()
         await self.asymmetric.stop()
+        self.core.key_stores.close_all()
         self.hsm.close()
         log.info("node_stopped")
 

@@ -44,6 +44,17 @@ RESULTS = os.path.join(os.path.dirname(__file__), "..", "bench", "results")
 
 
 class Harness:
+    @classmethod
+    def start(cls, prefix: str, port: int) -> Harness:
+        """A fresh 3-node dev cluster in a new temporary folder, once it is ready."""
+        cluster = DevCluster(DevClusterOptions(data_dir=tempfile.mkdtemp(prefix=prefix),
+                                               base_port=port))
+        cluster.prepare()
+        cluster.start()
+        cluster.wait_ready()
+        cluster.wait_credentials()
+        return cls(cluster)
+
     def __init__(self, cluster: DevCluster) -> None:
         self.cluster = cluster
         self.credentials = Credentials(cluster.access_key_id, cluster.secret_access_key)
@@ -148,13 +159,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--port", type=int, default=27700)
     args = parser.parse_args()
-    root = tempfile.mkdtemp(prefix="kmsd-failover-")
-    cluster = DevCluster(DevClusterOptions(data_dir=root, base_port=args.port))
-    cluster.prepare()
-    cluster.start()
-    cluster.wait_ready()
-    cluster.wait_credentials()
-    harness = Harness(cluster)
+    harness = Harness.start("kmsd-failover-", args.port)
+    cluster = harness.cluster
     acknowledged: list[str] = []
     rounds = []
     try:

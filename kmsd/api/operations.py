@@ -13,6 +13,7 @@ from kmsd.service import (
     aliases,
     asymmetric,
     crypto,
+    custom_key_stores,
     data_key_pairs,
     grants,
     key_import,
@@ -27,6 +28,12 @@ Handler = Callable[[ServiceCore, RequestContext, dict[str, Any]], Awaitable[dict
 
 OPERATIONS: dict[str, Handler] = {
     "CreateKey": keys.create_key,
+    "CreateCustomKeyStore": custom_key_stores.create_custom_key_store,
+    "DescribeCustomKeyStores": custom_key_stores.describe_custom_key_stores,
+    "UpdateCustomKeyStore": custom_key_stores.update_custom_key_store,
+    "ConnectCustomKeyStore": custom_key_stores.connect_custom_key_store,
+    "DisconnectCustomKeyStore": custom_key_stores.disconnect_custom_key_store,
+    "DeleteCustomKeyStore": custom_key_stores.delete_custom_key_store,
     "DescribeKey": keys.describe_key,
     "ListKeys": keys.list_keys,
     "EnableKey": keys.enable_key,

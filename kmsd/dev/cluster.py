@@ -13,6 +13,11 @@ secret are files readable by the owner only. Dev credentials reach node 1
 through its environment and are stored in the cluster sealed under the domain
 key; they are printed once, in the JSON line on stdout.
 
+`--key-store-token LABEL` also provisions a custom key store's token on every node
+(node-i/tokens, label LABEL, one PIN in node-i/key-store-LABEL.pin, one store key made
+in node 1's and cloned like the domain key); the summary prints the PIN as that
+store's KeyStorePassword.
+
 Ports for node i (1-based): API base+i-1, admin base+100+i-1, Raft base+200+i-1.
 """
 
@@ -55,6 +60,9 @@ class DevClusterOptions:
     # HTTPS on every port, with certificates from a private CA made in the data dir.
     tls: bool = False
     compaction_min_entries: int = 2000
+    # Labels of custom key store tokens to provision on every node (each with the same store
+    # key and the same PIN, printed in the summary as the KeyStorePassword).
+    key_store_tokens: tuple[str, ...] = ()
 
 
 @dataclass
@@ -187,13 +195,55 @@ def init_token(node: DevNode) -> None:
 
 
 def clone_domain_key(donor: DevNode, recipient: DevNode) -> None:
-    request = _kmsd("hsm", "transport-key", "--config", recipient.config_path)
-    sent = _kmsd("hsm", "wrap-domain-key", "--config", donor.config_path,
-                 "--to", request["point"])
-    accepted = _kmsd("hsm", "accept-domain-key", "--config", recipient.config_path,
+    _clone_key(donor.config_path, recipient.config_path, recipient.node_id)
+
+
+def _clone_key(donor_config: str, recipient_config: str, recipient: str) -> None:
+    request = _kmsd("hsm", "transport-key", "--config", recipient_config)
+    sent = _kmsd("hsm", "wrap-domain-key", "--config", donor_config, "--to", request["point"])
+    accepted = _kmsd("hsm", "accept-domain-key", "--config", recipient_config,
                      "--donor-point", sent["point"], "--wrapped", sent["wrapped"])
     if accepted["domain_key_check"] != sent["domain_key_check"]:
-        raise RuntimeError(f"domain key clone into {recipient.node_id} does not match")
+        raise RuntimeError(f"key clone into {recipient} does not match")
+
+
+def key_store_pin_path(node: DevNode, label: str) -> str:
+    return os.path.join(node.root, f"key-store-{label}.pin")
+
+
+def _key_store_config(node: DevNode, label: str) -> str:
+    """node.toml with the store's token in place of the node's: what `kmsd hsm` needs to
+    make and clone the store key in that token."""
+    path = os.path.join(node.root, f"key-store-{label}.toml")
+    with open(node.config_path) as handle:
+        text = handle.read()
+    text = text.replace(f'token_label = "{node.token_label}"', f'token_label = "{label}"')
+    text = text.replace(f'pin_file = "{os.path.join(node.root, "pin")}"',
+                        f'pin_file = "{key_store_pin_path(node, label)}"')
+    with open(path, "w") as handle:
+        handle.write(text)
+    return path
+
+
+def provision_key_store_token(nodes: list[DevNode], label: str) -> None:
+    """A custom key store's token on every node: same label, same PIN, same store key --
+    one PKCS#11 token per node, as a CloudHSM cluster has one HSM per AZ."""
+    pin = _random_text(16)
+    for node in nodes:
+        _write_private(key_store_pin_path(node, label), pin)
+        env = {**os.environ, "SOFTHSM2_CONF": os.path.join(node.root, "softhsm2.conf")}
+        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label,
+                        "--so-pin", _random_text(16), "--pin", pin],
+                       check=True, capture_output=True, env=env)
+    configs = [_key_store_config(node, label) for node in nodes]
+    _kmsd("hsm", "init-domain-key", "--config", configs[0])
+    for node, config in zip(nodes[1:], configs[1:], strict=True):
+        _clone_key(configs[0], config, f"{label} on {node.node_id}")
+
+
+def _read(path: str) -> str:
+    with open(path) as handle:
+        return handle.read().strip()
 
 
 def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
@@ -251,6 +301,8 @@ class DevCluster:
             _kmsd("hsm", "init-domain-key", "--config", self.nodes[0].config_path)
             for node in self.nodes[1:]:
                 clone_domain_key(self.nodes[0], node)
+            for label in self.options.key_store_tokens:
+                provision_key_store_token(self.nodes, label)
         # Every start prints working credentials: fixed ones if given, else a new root key.
         env = dict(os.environ)
         if self.options.access_key_id and self.options.secret_access_key:
@@ -323,6 +375,8 @@ class DevCluster:
             "ca_bundle": self.ca.certificate if self.ca else None,
             "access_key_id": self.access_key_id,
             "secret_access_key": self.secret_access_key,
+            "key_store_tokens": {label: _read(key_store_pin_path(self.nodes[0], label))
+                                 for label in self.options.key_store_tokens},
         }
 
     def stop(self) -> None:

@@ -118,6 +118,18 @@ class AsymmetricRouter:
     def tracks_any(self) -> bool:
         return bool(self._inline_blobs or self._worker_blobs)
 
+    async def evict(self, blobs: tuple[bytes, ...]) -> None:
+        """Destroy the cached handles of these blobs here and in the helper process at once
+        (imported material deleted), without waiting for the next `prune`."""
+        in_worker = tuple(b for b in blobs if b in self._worker_blobs)
+        for blob in blobs:
+            if blob in self._inline_blobs:
+                self.inline.evict(blob)
+                self._inline_blobs.discard(blob)
+        if in_worker and self.worker is not None:
+            await self.worker.evict(in_worker)
+        self._worker_blobs.difference_update(in_worker)
+
     async def prune(self, live: set[bytes]) -> int:
         """Destroy cached handles of blobs no longer in `live` (keys deleted from the
         cluster), here and in the helper process. Returns how many blobs were dropped."""

@@ -307,6 +307,10 @@ class HsmPartition:
             self._destroy(evicted)
         return handle
 
+    @property
+    def cached_handles(self) -> int:
+        return len(self._handles)
+
     def evict(self, wrapped: bytes) -> None:
         handle = self._handles.pop(wrapped, None)
         if handle is not None:

@@ -127,9 +127,11 @@ def _child_data_key_pair(key_pair_spec: str) -> DataKeyPair:
 
 
 def _child_import(path: str, wrapping_algorithm: str, wrapped_wrapping_private: bytes,
-                  wrapping_key_spec: str, encrypted_key_material: bytes) -> ImportedMaterial:
+                  wrapping_key_spec: str, encrypted_key_material: bytes,
+                  key_spec: str) -> ImportedMaterial:
     return import_material(_keys().partition, path, wrapping_algorithm,
-                           wrapped_wrapping_private, wrapping_key_spec, encrypted_key_material)
+                           wrapped_wrapping_private, wrapping_key_spec, encrypted_key_material,
+                           key_spec)
 
 
 def _child_evict(wrapped: tuple[bytes, ...]) -> int:
@@ -211,11 +213,12 @@ class HsmWorkerProcess:
 
     async def import_material(self, path: str, wrapping_algorithm: str,
                               wrapped_wrapping_private: bytes, wrapping_key_spec: str,
-                              encrypted_key_material: bytes) -> ImportedMaterial:
+                              encrypted_key_material: bytes,
+                              key_spec: str) -> ImportedMaterial:
         """ImportKeyMaterial's RSA unwrap (kmsd.hsm.key_import), off the event loop."""
         return await self._call(_child_import, path, wrapping_algorithm,
                                 wrapped_wrapping_private, wrapping_key_spec,
-                                encrypted_key_material)
+                                encrypted_key_material, key_spec)
 
     async def evict(self, wrapped: tuple[bytes, ...]) -> int:
         """Drop the child's cached handles for these blobs; returns how many it still holds."""

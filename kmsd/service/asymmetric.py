@@ -94,11 +94,14 @@ async def generate_key(core: ServiceCore, key_spec: str) -> GeneratedKey:
 
 async def get_public_key(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
     record = await core.authorized_key(ctx, "GetPublicKey", params)
-    if record.public_key is None or not is_asymmetric(record.key_spec):
+    if not is_asymmetric(record.key_spec):
         raise UnsupportedOperationException(
             f"{record.arn} is a {record.key_spec} key: only asymmetric KMS keys have a "
             "public key.")
+    # An EXTERNAL key has its public key once its private key is imported (PendingImport
+    # before that: the key-state check answers).
     core.require_usable(record)
+    assert record.public_key is not None
     return {"KeyId": record.arn, "PublicKey": record.public_key,
             "CustomerMasterKeySpec": record.key_spec, "KeySpec": record.key_spec,
             "KeyUsage": record.key_usage, **algorithm_lists(record.key_spec, record.key_usage)}

@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from kmsd.errors import (
+    IncorrectKeyMaterialException,
     InvalidCiphertextException,
     KMSInternalException,
     UnsupportedOperationException,
@@ -123,7 +124,10 @@ def hsm_errors() -> Iterator[None]:
         yield
     except (UnsupportedByToken, UnsupportedKeyPairSpec, ImportRefused) as error:
         raise UnsupportedOperationException(str(error)) from None
-    except (InvalidInput, InvalidMaterial) as error:
+    except InvalidMaterial as error:
+        # ImportKeyMaterial: AWS answers material that "does not meet expectations" so.
+        raise IncorrectKeyMaterialException(f"{error}.") from None
+    except InvalidInput as error:
         raise ValidationException(str(error)) from None
     except HsmAuthenticationFailed:
         raise InvalidCiphertextException() from None

@@ -16,6 +16,7 @@ from cluster.state import (
     KEY_STATE_DISABLED,
     KEY_STATE_PENDING_DELETION,
     KEY_STATE_PENDING_IMPORT,
+    STORE_CONNECTED,
     KeyRecord,
     KmsState,
     Rejected,
@@ -24,6 +25,7 @@ from kmsd.auth.authorizer import Authorizer
 from kmsd.clock import Clock
 from kmsd.errors import (
     DisabledException,
+    KeyUnavailableException,
     KMSInternalException,
     KMSInvalidStateException,
     NotFoundException,
@@ -32,6 +34,7 @@ from kmsd.errors import (
 from kmsd.hsm.partition import HsmPartition
 from kmsd.service.context import RequestContext
 from kmsd.service.key_lookup import resolve_key
+from kmsd.service.key_store_tokens import KeyStoreTokens, StoreUnreachable
 
 UNAVAILABLE_MESSAGE = "The cluster could not commit the request in time; retry it."
 
@@ -48,6 +51,7 @@ class ServiceCore:
         self.authorizer = Authorizer(state)
         # Config `[hsm] allow_host_oaep_decoding`: see kmsd/service/key_import.py.
         self.allow_host_oaep_decoding = False
+        self.key_stores = KeyStoreTokens(hsm.module_path, hsm)
 
     async def authorize(self, ctx: RequestContext, operation: str, record: KeyRecord | None,
                         params: dict[str, Any]) -> None:
@@ -98,8 +102,7 @@ class ServiceCore:
             return None
         return record
 
-    @staticmethod
-    def require_usable(record: KeyRecord) -> None:
+    def require_usable(self, record: KeyRecord) -> None:
         """The key-state check of every cryptographic operation."""
         if record.key_state == KEY_STATE_DISABLED:
             raise DisabledException(f"{record.arn} is disabled.")
@@ -107,6 +110,32 @@ class ServiceCore:
             raise KMSInvalidStateException(f"{record.arn} is pending deletion.")
         if record.key_state == KEY_STATE_PENDING_IMPORT:
             raise KMSInvalidStateException(f"{record.arn} is pending import.")
+        if not self.store_connected(record):
+            # AWS key state table, note [11]: "KMSInvalidStateException: <CMK ARN> is
+            # unavailable." -- a key whose custom key store is disconnected.
+            raise KMSInvalidStateException(f"{record.arn} is unavailable.")
+
+    def store_connected(self, record: KeyRecord) -> bool:
+        """False for a key whose custom key store is not connected (key state Unavailable)."""
+        if record.custom_key_store_id is None:
+            return True
+        store = self.state.custom_key_stores.get(record.custom_key_store_id)
+        return store is not None and store.connection_state == STORE_CONNECTED
+
+    def partition_for(self, record: KeyRecord) -> HsmPartition:
+        """The token that holds this key's material: the node's own, or its key store's."""
+        if record.custom_key_store_id is None:
+            return self.hsm
+        store = self.state.custom_key_stores.get(record.custom_key_store_id)
+        if store is None or store.connection_state != STORE_CONNECTED:
+            raise KMSInvalidStateException(f"{record.arn} is unavailable.")
+        try:
+            return self.key_stores.partition(store)
+        except StoreUnreachable:
+            # Connected, but this node cannot reach the store's token now: retryable.
+            raise KeyUnavailableException(
+                f"{record.arn} is unavailable: this node cannot reach its custom key store "
+                f"{store.store_id}; retry the request.") from None
 
     def random(self, length: int) -> bytes:
         return self.hsm.random(length)

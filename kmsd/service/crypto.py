@@ -20,11 +20,10 @@ from kmsd.errors import (
     InvalidCiphertextException,
     InvalidKeyUsageException,
     NotFoundException,
-    UnsupportedOperationException,
     ValidationException,
 )
 from kmsd.hsm.partition import HsmAuthenticationFailed
-from kmsd.service import rsa_encryption
+from kmsd.service import custom_key_stores, rsa_encryption
 from kmsd.service.context import RequestContext
 from kmsd.service.core import ServiceCore
 from kmsd.service.key_specs import ENCRYPT_DECRYPT, require_usage, wrong_key_spec
@@ -65,7 +64,7 @@ def _seal(core: ServiceCore, record: KeyRecord, plaintext: bytes,
     nonce = core.random(ciphertext_blob.NONCE_BYTES)
     header = ciphertext_blob.header_for(record.key_id, backing.version, nonce)
     aad = header + encryption_context.canonical(context)
-    sealed = core.hsm.encrypt_gcm(backing.wrapped, nonce, aad, plaintext)
+    sealed = core.partition_for(record).encrypt_gcm(backing.wrapped, nonce, aad, plaintext)
     return header + sealed
 
 
@@ -136,8 +135,8 @@ async def _unseal(core: ServiceCore, ctx: RequestContext, operation: str,
         raise InvalidCiphertextException()
     aad = blob.header + encryption_context.canonical(context)
     try:
-        plaintext = core.hsm.decrypt_gcm(backing.wrapped, blob.nonce, aad,
-                                         blob.ciphertext_and_tag)
+        plaintext = core.partition_for(record).decrypt_gcm(backing.wrapped, blob.nonce, aad,
+                                                           blob.ciphertext_and_tag)
     except HsmAuthenticationFailed:
         raise InvalidCiphertextException() from None
     if dry_run:
@@ -219,10 +218,13 @@ async def generate_data_key_without_plaintext(core: ServiceCore, ctx: RequestCon
 
 
 async def generate_random(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
-    if params.get("CustomKeyStoreId"):
-        raise UnsupportedOperationException("kmsd has no custom key stores yet.")
     await core.authorize(ctx, "GenerateRandom", None, params)
     number_of_bytes = params.get("NumberOfBytes")
     if number_of_bytes is None:
         raise ValidationException("NumberOfBytes is required.")
+    store_id = params.get("CustomKeyStoreId")
+    if store_id:
+        # AWS: random bytes from the CloudHSM cluster of a connected key store.
+        token = await custom_key_stores.token_of(core, ctx, store_id)
+        return {"Plaintext": token.random(int(number_of_bytes))}
     return {"Plaintext": core.random(int(number_of_bytes))}

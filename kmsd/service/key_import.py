@@ -7,10 +7,16 @@ the domain key, with an import-token id and an expiry 24 hours after the propose
 The import token is opaque to callers: `kit1 || token id || key id || SHA-256(public key)`,
 bound to one key and one wrapping key. ImportKeyMaterial unwraps the material in the HSM
 (kmsd.hsm.key_import; which path per wrapping algorithm is decided by the token's probe),
-re-wraps it under the domain key and commits it with a key check value computed in the HSM;
-the state machine refuses material whose check value differs from the first import's.
+re-wraps it under the domain key and commits it with a key check value computed in the HSM
+(and, for an asymmetric key, the public key the HSM derived from the private key); the state
+machine refuses material whose check value differs from the first import's.
 
-Only SYMMETRIC_DEFAULT keys take imported material so far.
+Keys that take imported material: SYMMETRIC_DEFAULT, HMAC_*, RSA_* and the ECC key specs
+kmsd.hsm.imported_material lists (AWS: "You can import key material for a symmetric
+encryption KMS key, HMAC KMS key, asymmetric encryption KMS key, or asymmetric signing KMS
+key"). Which wrapping algorithm fits which material is kmsd.hsm.key_import.wrapping_refusal.
+After DeleteImportedKeyMaterial or expiry every node drops its HSM handles for the removed
+material when it applies the change (kmsd.node), not only the node that served the request.
 Never logs or puts into an error the material, the import token or the wrapped blobs.
 """
 
@@ -33,6 +39,7 @@ from kmsd.errors import (
 )
 from kmsd.hsm import key_import as hsm_import
 from kmsd.hsm.capabilities import UNSUPPORTED
+from kmsd.hsm.imported_material import IMPORTABLE_KEY_SPECS
 from kmsd.service.asymmetric import generate_key
 from kmsd.service.asymmetric_hsm import hsm_errors, router_of
 from kmsd.service.context import RequestContext
@@ -99,9 +106,9 @@ def _require_importable(record: KeyRecord) -> None:
             f"{record.arn} origin is {record.origin} which is not valid for this operation.")
     if record.key_state == "PendingDeletion":
         raise KMSInvalidStateException(f"{record.arn} is pending deletion.")
-    if record.key_spec != SYMMETRIC_DEFAULT:
+    if record.key_spec not in IMPORTABLE_KEY_SPECS:
         raise UnsupportedOperationException(
-            f"kmsd imports key material for SYMMETRIC_DEFAULT keys only, not {record.key_spec}.")
+            f"kmsd does not import key material for {record.key_spec} keys.")
 
 
 def _path(core: ServiceCore, algorithm: str) -> str:
@@ -109,6 +116,8 @@ def _path(core: ServiceCore, algorithm: str) -> str:
     # RSA-OAEP-SHA256 in-token (`[hsm] allow_host_oaep_decoding`); software tokens always may.
     path, detail = hsm_import.import_path(router_of(core).capabilities, algorithm,
                                           core.allow_host_oaep_decoding)
+    if algorithm in hsm_import.REFUSED_WRAPPING_ALGORITHMS:
+        raise UnsupportedOperationException(f"WrappingAlgorithm {algorithm}: {detail}.")
     if path == UNSUPPORTED:
         raise UnsupportedOperationException(
             f"WrappingAlgorithm {algorithm} is not supported by this kmsd node: {detail}.")
@@ -124,6 +133,9 @@ async def get_parameters_for_import(core: ServiceCore, ctx: RequestContext,
     if spec not in hsm_import.WRAPPING_KEY_SPECS:
         raise UnsupportedOperationException(f"WrappingKeySpec {spec} is not supported by kmsd.")
     _path(core, algorithm)
+    refusal = hsm_import.wrapping_refusal(record.key_spec, algorithm, spec)
+    if refusal is not None:
+        raise UnsupportedOperationException(f"{refusal}.")
     generated = await generate_key(core, spec)  # in the HSM helper process
     assert generated.public_key_der is not None
     token_id = core.random(_TOKEN_ID_BYTES)
@@ -141,6 +153,13 @@ async def import_key_material(core: ServiceCore, ctx: RequestContext,
                               params: dict[str, Any]) -> dict:
     record = await core.authorized_key(ctx, "ImportKeyMaterial", params, allow_alias=False)
     _require_importable(record)
+    if record.key_spec != SYMMETRIC_DEFAULT:
+        for member in ("ImportType", "KeyMaterialId", "KeyMaterialDescription"):
+            if params.get(member) is not None:
+                # AWS: "This parameter is optional and only usable with symmetric
+                # encryption keys."
+                raise ValidationException(f"{member} is valid only for symmetric encryption "
+                                          f"keys; {record.arn} is a {record.key_spec} key.")
     if params.get("ImportType") == "NEW_KEY_MATERIAL":
         raise UnsupportedOperationException(
             "kmsd does not rotate imported key material (ImportType NEW_KEY_MATERIAL).")
@@ -153,18 +172,22 @@ async def import_key_material(core: ServiceCore, ctx: RequestContext,
     model, valid_to = valid_to_of(params, now)
     path = _path(core, parameters.wrapping_algorithm)
     router = router_of(core)
+    # Material of the wrong kind answers IncorrectKeyMaterialException (hsm_errors).
     with hsm_errors():
         if router.worker is not None:
             imported = await router.worker.import_material(
                 path, parameters.wrapping_algorithm, parameters.wrapped_private,
-                parameters.wrapping_key_spec, params["EncryptedKeyMaterial"])
+                parameters.wrapping_key_spec, params["EncryptedKeyMaterial"], record.key_spec)
         else:
             imported = hsm_import.import_material(
                 core.hsm, path, parameters.wrapping_algorithm, parameters.wrapped_private,
-                parameters.wrapping_key_spec, params["EncryptedKeyMaterial"])
+                parameters.wrapping_key_spec, params["EncryptedKeyMaterial"], record.key_spec)
     updated: KeyRecord = await core.commit(commands.ImportKeyMaterial(
         key_id=record.key_id, token_id=parameters.token_id, wrapped_backing_key=imported.wrapped,
-        material_check=imported.check_value, expiration_model=model, valid_to=valid_to, at=now))
+        material_check=imported.check_value, expiration_model=model, valid_to=valid_to, at=now,
+        public_key=imported.public_key))
+    if updated.key_spec != SYMMETRIC_DEFAULT:
+        return {"KeyId": updated.arn}
     return {"KeyId": updated.arn,
             "KeyMaterialId": key_material_id(updated.current_backing_key)}
 
@@ -174,10 +197,7 @@ async def delete_imported_key_material(core: ServiceCore, ctx: RequestContext,
     record = await core.authorized_key(ctx, "DeleteImportedKeyMaterial", params,
                                        allow_alias=False)
     _require_importable(record)
-    removed = [b.wrapped for b in record.backing_keys]
     await core.commit(commands.DeleteImportedKeyMaterial(record.key_id, core.clock.now()))
-    for wrapped in removed:
-        core.hsm.evict(wrapped)
     return {"KeyId": record.arn}
 
 
@@ -186,9 +206,6 @@ async def expire_due(core: ServiceCore, record: KeyRecord, now: float) -> bool:
     if (record.origin != ORIGIN_EXTERNAL or not record.backing_keys
             or record.valid_to is None or record.valid_to > now):
         return False
-    removed = [b.wrapped for b in record.backing_keys]
     result = await core.commit(commands.DeleteImportedKeyMaterial(record.key_id, now,
                                                                   expired_only=True))
-    for wrapped in removed:
-        core.hsm.evict(wrapped)
     return result is not None

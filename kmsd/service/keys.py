@@ -3,7 +3,8 @@
 A new key's backing key is generated inside this node's HSM and enters the
 Raft log only wrapped under the domain key. So is the private (or HMAC secret)
 part of an asymmetric or HMAC key (kmsd.service.asymmetric); its public key is
-stored in the clear.
+stored in the clear. A key with Origin EXTERNAL starts without material (and,
+if asymmetric, without a public key) until ImportKeyMaterial.
 """
 
 from __future__ import annotations
@@ -23,9 +24,15 @@ from cluster.state import (
 )
 from kmsd.auth.policy import PolicyKind, lockout_safety_check, parse_policy
 from kmsd.errors import NotFoundException, UnsupportedOperationException, ValidationException
-from kmsd.service import asymmetric
+from kmsd.hsm.imported_material import IMPORTABLE_KEY_SPECS
+from kmsd.service import asymmetric, custom_key_stores
 from kmsd.service.context import RequestContext
 from kmsd.service.core import ServiceCore
+from kmsd.service.custom_key_stores import (
+    KEY_STATE_UNAVAILABLE,
+    ORIGIN_AWS_CLOUDHSM,
+    ORIGIN_EXTERNAL_KEY_STORE,
+)
 from kmsd.service.key_specs import SYMMETRIC_DEFAULT, algorithm_lists, key_usage_for
 from kmsd.service.pagination import page_response, paginate
 from kmsd.service.rotation import key_material_id
@@ -52,16 +59,23 @@ def default_key_policy(account_id: str) -> str:
     }, indent=2)
 
 
-def key_metadata(record: KeyRecord) -> dict[str, Any]:
+def key_metadata(record: KeyRecord, core: ServiceCore | None = None) -> dict[str, Any]:
+    """DescribeKey's KeyMetadata; with `core`, a key in a disconnected custom key store shows
+    the key state Unavailable (AWS: "The KMS key is unavailable because its custom key store
+    is disconnected"; a key pending deletion stays PendingDeletion)."""
+    key_state = record.key_state
+    if (core is not None and key_state != KEY_STATE_PENDING_DELETION
+            and not core.store_connected(record)):
+        key_state = KEY_STATE_UNAVAILABLE
     metadata = {
         "AWSAccountId": record.account_id,
         "KeyId": record.key_id,
         "Arn": record.arn,
         "CreationDate": record.created_at,
-        "Enabled": record.key_state == KEY_STATE_ENABLED,
+        "Enabled": key_state == KEY_STATE_ENABLED,
         "Description": record.description,
         "KeyUsage": record.key_usage,
-        "KeyState": record.key_state,
+        "KeyState": key_state,
         "Origin": record.origin,
         "KeyManager": "CUSTOMER",
         "CustomerMasterKeySpec": record.key_spec,
@@ -76,6 +90,12 @@ def key_metadata(record: KeyRecord) -> dict[str, Any]:
     if record.key_spec == SYMMETRIC_DEFAULT and record.backing_keys:
         # AWS: present for symmetric encryption keys only (and not before an import).
         metadata["CurrentKeyMaterialId"] = key_material_id(record.current_backing_key)
+    if record.custom_key_store_id is not None:
+        metadata["CustomKeyStoreId"] = record.custom_key_store_id
+        if core is not None:
+            store = core.state.custom_key_stores.get(record.custom_key_store_id)
+            if store is not None:
+                metadata["CloudHsmClusterId"] = store.cluster_id
     if record.key_state == KEY_STATE_PENDING_DELETION:
         metadata["DeletionDate"] = record.deletion_date
         metadata["PendingDeletionWindowInDays"] = record.pending_window_days
@@ -86,13 +106,25 @@ async def create_key(core: ServiceCore, ctx: RequestContext, params: dict[str, A
     key_spec = params.get("KeySpec") or params.get("CustomerMasterKeySpec") or SYMMETRIC_DEFAULT
     key_usage = key_usage_for(key_spec, params.get("KeyUsage"))
     origin = params.get("Origin") or "AWS_KMS"
-    if origin not in ("AWS_KMS", ORIGIN_EXTERNAL):
+    store_id = params.get("CustomKeyStoreId")
+    if origin == ORIGIN_EXTERNAL_KEY_STORE or params.get("XksKeyId"):
+        raise UnsupportedOperationException(custom_key_stores.XKS_UNSUPPORTED)
+    if store_id is not None or origin == ORIGIN_AWS_CLOUDHSM:
+        # AWS CreateKey: "To create a KMS key in an CloudHSM key store ... set [Origin] to
+        # AWS_CLOUDHSM. You must also use the CustomKeyStoreId parameter ... The KeySpec value
+        # must be SYMMETRIC_DEFAULT."
+        if store_id is None or origin != ORIGIN_AWS_CLOUDHSM:
+            raise ValidationException("A KMS key in a CloudHSM key store needs both "
+                                      "CustomKeyStoreId and Origin AWS_CLOUDHSM.")
+        if key_spec != SYMMETRIC_DEFAULT:
+            raise UnsupportedOperationException(
+                f"KeySpec {key_spec} is not valid in a custom key store: only "
+                "SYMMETRIC_DEFAULT keys can be created there.")
+    elif origin not in ("AWS_KMS", ORIGIN_EXTERNAL):
         raise UnsupportedOperationException(f"kmsd does not support Origin {origin} yet.")
-    if origin == ORIGIN_EXTERNAL and key_spec != SYMMETRIC_DEFAULT:
+    if origin == ORIGIN_EXTERNAL and key_spec not in IMPORTABLE_KEY_SPECS:
         raise UnsupportedOperationException(
-            f"kmsd imports key material for SYMMETRIC_DEFAULT keys only, not {key_spec}.")
-    if params.get("CustomKeyStoreId") or params.get("XksKeyId"):
-        raise UnsupportedOperationException("kmsd has no custom key stores yet.")
+            f"kmsd does not import key material for {key_spec} keys.")
     if params.get("MultiRegion"):
         raise UnsupportedOperationException("kmsd does not support multi-Region keys.")
     if key_spec != SYMMETRIC_DEFAULT:
@@ -104,6 +136,11 @@ async def create_key(core: ServiceCore, ctx: RequestContext, params: dict[str, A
     public_key = None
     if origin == ORIGIN_EXTERNAL:
         wrapped = b""  # PendingImport: the material comes with ImportKeyMaterial
+    elif store_id is not None:
+        # Generated in the store's token and wrapped under its store key: only that token
+        # can use it.
+        store_token = await custom_key_stores.token_of(core, ctx, store_id)
+        wrapped = store_token.generate_wrapped_aes_key()
     elif key_spec == SYMMETRIC_DEFAULT:
         wrapped = core.hsm.generate_wrapped_aes_key()
     else:
@@ -123,14 +160,15 @@ async def create_key(core: ServiceCore, ctx: RequestContext, params: dict[str, A
         wrapped_backing_key=wrapped,
         at=core.clock.now(),
         public_key=public_key,
+        custom_key_store_id=store_id,
     )
     record = await core.commit(command)
-    return {"KeyMetadata": key_metadata(record)}
+    return {"KeyMetadata": key_metadata(record, core)}
 
 
 async def describe_key(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
     record = await core.authorized_key(ctx, "DescribeKey", params)
-    return {"KeyMetadata": key_metadata(record)}
+    return {"KeyMetadata": key_metadata(record, core)}
 
 
 async def list_keys(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:

@@ -6,14 +6,17 @@ consumes the token through Raft (so it works once, cluster-wide), wraps every
 domain-key generation in use (active, retiring, and a pending one it holds)
 for the newcomer's HSM transport key, seals the cluster's Raft
 secret under the same transport key, records the newcomer and adds it as a
-voting member through pysyncobj's dynamic membership.
+voting member through pysyncobj's dynamic membership. Removing the leader
+moves leadership to a caught-up follower first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,16 +107,38 @@ async def join(core: ServiceCore, raft_secret: str, request: JoinRequest) -> dic
     return response
 
 
-async def remove(core: ServiceCore, node_id: str) -> None:
+async def remove(core: ServiceCore, node_id: str,
+                 ask_to_step_down: Callable[[str], Awaitable[None]]) -> None:
+    """Remove a member. pysyncobj's leader cannot remove itself, so when the member is the
+    leader its role moves to a caught-up follower first: here if this node leads, else
+    through `ask_to_step_down(admin_url)` on the leader's peer route."""
     member = core.state.nodes.get(node_id)
     if member is None:
         raise NotFoundException(f"No member named {node_id}.")
     if core.raft.status().get("leader") == member.raft_address:
-        # pysyncobj's leader refuses to remove itself; the operator moves leadership first.
-        raise ValidationException(f"{node_id} is the Raft leader; stop it or wait for another "
-                                  "leader before removing it.")
+        try:
+            if core.raft.is_leader:
+                await core.raft.transfer_leadership(timeout=15)
+            else:
+                await ask_to_step_down(member.admin_url)
+        except (RaftUnavailable, OSError, ValueError) as exc:
+            raise KMSInternalException(
+                f"{node_id} is the Raft leader and could not hand leadership over: "
+                f"{exc}") from None
+        await _wait_for_another_leader(core, member.raft_address, 15)
     try:
         await core.raft.remove_member(member.raft_address, timeout=15)
     except RaftUnavailable as exc:
         raise KMSInternalException(f"The Raft membership change failed: {exc}") from None
     await core.commit(commands.DeregisterNode(node_id))
+
+
+async def _wait_for_another_leader(core: ServiceCore, old_leader: str, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        status = core.raft.status()
+        if status.get("leader") not in (None, old_leader) and status.get("has_quorum"):
+            return
+        await asyncio.sleep(0.05)
+    raise KMSInternalException("No other member took over the Raft leadership in time.")

@@ -190,8 +190,9 @@ def _run(options: Options, root: str) -> dict[str, Any]:
 
 # pysyncobj's alarm when an append_entries reaches back past the applied index. It is
 # logged before the journal is asked to truncate; kmsd's journal (cluster/journal.py)
-# keeps entries of the current term, which match the leader's, so the line alone proves
-# nothing: a real loss shows as an audit divergence or a missing write. Counted, not failed.
+# keeps committed entries and those of the current term, so applied entries are never
+# dropped and the line alone proves nothing: a real loss shows as an audit divergence or
+# a missing write. Counted, not failed.
 RAFT_TRUNCATION = "truncating already-applied log entries"
 
 

@@ -87,6 +87,11 @@ def test_external_key_is_pending_import(timed: Cluster) -> None:
         assert error_of(lambda c=call: c(KeyId=key["KeyId"]))[0] == "KMSInvalidStateException"
     assert error_of(lambda: client.enable_key_rotation(KeyId=key["KeyId"]))[0] == \
         "UnsupportedOperationException"
+    # AWS: "As of October 10, 2023, KMS does not support the RSAES_PKCS1_V1_5 wrapping
+    # algorithm" -- for any key spec, on any token.
+    code, message = error_of(lambda: client.get_parameters_for_import(
+        KeyId=key["KeyId"], WrappingAlgorithm="RSAES_PKCS1_V1_5", WrappingKeySpec="RSA_4096"))
+    assert code == "UnsupportedOperationException" and "October 10, 2023" in message
     normal = timed.client(0).create_key()["KeyMetadata"]
     assert error_of(lambda: client.get_parameters_for_import(
         KeyId=normal["KeyId"], WrappingAlgorithm="RSAES_OAEP_SHA_1",

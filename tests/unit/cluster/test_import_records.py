@@ -84,7 +84,10 @@ def test_delete_then_reimport_keeps_version_one() -> None:
     state = _state()
     _params(state)
     _import(state)
-    deleted = state.apply(c.DeleteImportedKeyMaterial(KEY, T0 + 20)).value
+    result = state.apply(c.DeleteImportedKeyMaterial(KEY, T0 + 20)).value
+    # Every node learns which material to forget (its HSM handles for it).
+    assert result.removed == (b"m" * 40,)
+    deleted = result.record
     assert deleted.key_state == KEY_STATE_PENDING_IMPORT and deleted.backing_keys == ()
     assert deleted.material_check == "aa"
     assert _import(state, check="bb").error_type == "IncorrectKeyMaterialException"
@@ -99,7 +102,8 @@ def test_expiry_rechecks_valid_to() -> None:
     assert state.apply(c.DeleteImportedKeyMaterial(KEY, T0 + 99, expired_only=True)).value \
         is None
     expired = state.apply(c.DeleteImportedKeyMaterial(KEY, T0 + 100, expired_only=True)).value
-    assert expired.key_state == KEY_STATE_PENDING_IMPORT
+    assert expired.removed == (b"m" * 40,)
+    assert expired.record.key_state == KEY_STATE_PENDING_IMPORT
     # A repeated proposal changes nothing.
     assert state.apply(c.DeleteImportedKeyMaterial(KEY, T0 + 200, expired_only=True)).value \
         is None
@@ -144,3 +148,46 @@ def test_valid_to_rules() -> None:
                 {"ValidTo": datetime.datetime.fromtimestamp(now + 366 * 86400, tz=datetime.UTC)}):
         with pytest.raises(Exception, match="ValidTo"):
             key_import.valid_to_of(bad, now)
+
+
+def _asymmetric_state() -> KmsState:
+    state = KmsState()
+    assert isinstance(state.apply(c.CreateKey(KEY, "us-east-1", "111122223333", "",
+                                              "SIGN_VERIFY", "ECC_NIST_P256", "EXTERNAL", "{}",
+                                              (), b"", T0)), Applied)
+    _params(state)
+    return state
+
+
+def _import_asymmetric(state: KmsState, public_key: bytes | None, check: str = "aa",
+                       at: float = T0 + 10) -> Applied | Rejected:
+    return state.apply(c.ImportKeyMaterial(KEY, b"t" * 16, b"p" * 160, check,
+                                           "KEY_MATERIAL_DOES_NOT_EXPIRE", None, at,
+                                           public_key=public_key))
+
+
+def test_asymmetric_import_brings_its_public_key() -> None:
+    """AWS: "For asymmetric key pairs, encrypt and import only the private key. AWS KMS
+    derives the public key from the private key." -- the proposer's HSM derives it."""
+    state = _asymmetric_state()
+    assert state.keys[KEY].public_key is None
+    # The proposer must carry the derived public key for an asymmetric key, and none for
+    # symmetric or HMAC keys.
+    assert _import_asymmetric(state, None).error_type == "KMSInternalException"
+    record = _import_asymmetric(state, b"spki-1").value
+    assert record.public_key == b"spki-1" and record.key_state == KEY_STATE_ENABLED
+    deleted = state.apply(c.DeleteImportedKeyMaterial(KEY, T0 + 20)).value.record
+    # The public key is not secret and stays: only the same key pair may come back.
+    assert deleted.public_key == b"spki-1" and deleted.backing_keys == ()
+    assert _import_asymmetric(state, b"spki-2", check="bb").error_type == \
+        "IncorrectKeyMaterialException"
+    assert _import_asymmetric(state, b"spki-2").error_type == "IncorrectKeyMaterialException"
+    assert _import_asymmetric(state, b"spki-1", at=T0 + 30).value.key_state == KEY_STATE_ENABLED
+    symmetric = _state()
+    _params(symmetric)
+    assert symmetric.apply(c.ImportKeyMaterial(
+        KEY, b"t" * 16, b"m" * 40, "aa", "KEY_MATERIAL_DOES_NOT_EXPIRE", None, T0 + 10,
+        public_key=b"spki")).error_type == "KMSInternalException"
+    copy = KmsState()
+    copy.restore_snapshot(state.to_snapshot())
+    assert copy.fingerprint() == state.fingerprint()

@@ -102,3 +102,14 @@ def test_a_conflicting_entry_at_an_existing_index_replaces_the_rest(tmp_path) ->
     log.add(b"other-3", 3, 4)  # same index, another term: Raft deletes 3.. and appends
     assert [(log[i][1], log[i][2]) for i in range(len(log))] == [(1, 2), (2, 2), (3, 4)]
     log._destroy()
+
+
+def test_a_resent_shorter_batch_keeps_committed_entries_of_older_terms(tmp_path) -> None:
+    # Follower holds 1..10 (6..10 of term 1, committed through 9) and the leader of term 2
+    # re-sends prevLogIdx=5 with entry 6 only: 6..9 are committed and stay; 10 may conflict.
+    log = _log_with(tmp_path, [1] * 10, current_term=2)
+    log.setRaftCommitIndex(9)
+    log.deleteEntriesFrom(5)
+    log.add(b"cmd-6", 6, 1)
+    assert [(log[i][1], log[i][2]) for i in range(len(log))] == [(i, 1) for i in range(1, 10)]
+    log._destroy()

@@ -9,6 +9,8 @@ snapshot transfer.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -105,5 +107,41 @@ def test_guarded_follower_ignores_snapshot_messages_of_an_older_term(port: int) 
                         "serialized": None})
         assert node.getStatus()["leader_commit_idx"] == base + 50
         assert counter.applied == 0
+    finally:
+        node.destroy()
+
+
+def _single_member_leader(cls: type[SyncObj], port: int) -> tuple[SyncObj, _Counter]:
+    counter = _Counter()
+    conf = SyncObjConf(autoTick=False, password="p", appendEntriesUseBatch=False)
+    node = cls(f"127.0.0.1:{port}", [], conf=conf, consumers=[counter])
+    deadline = time.monotonic() + 10
+    while not node._isLeader() or node.getStatus()["last_applied"] < 1:
+        assert time.monotonic() < deadline, "a single member elects itself"
+        node.doTick(0.05)
+    return node, counter
+
+
+@pytest.mark.parametrize(("cls", "port", "waits"), [
+    (SyncObj, 21740, True), (GuardedSyncObj, 21741, False)])
+def test_a_single_member_leader_commits_without_sleeping_a_tick(
+        cls: type[SyncObj], port: int, waits: bool) -> None:
+    node, counter = _single_member_leader(cls, port)
+    try:
+        results: list[Any] = []
+        # As with the tick thread: the submission wakes a tick sleeping in its poller,
+        # and that tick ends; the command is appended by the next one.
+        sleeping_tick = threading.Thread(target=node.doTick, args=(5.0,))
+        sleeping_tick.start()
+        time.sleep(0.2)
+        counter.increment(callback=lambda result, error: results.append((result, error)))
+        sleeping_tick.join(timeout=10)
+        assert results == []
+        started = time.monotonic()
+        node.doTick(2.0)  # appends the command, then sleeps in the poller unless woken
+        slept = time.monotonic() - started
+        node.doTick(0.0)  # commits and applies
+        assert results == [(1, 0)]
+        assert (slept >= 1.5) is waits, slept
     finally:
         node.destroy()
