@@ -89,7 +89,7 @@ class ImportRefused(Exception):
 
 @dataclass(frozen=True)
 class ImportedMaterial:
-    wrapped: bytes       # KWP under the domain key
+    wrapped: bytes       # KWP under the active domain-key generation, tagged
     check_value: str     # hex; see kmsd.hsm.imported_material
     public_key: bytes | None = None  # DER SubjectPublicKeyInfo of an asymmetric key
 
