@@ -19,7 +19,11 @@ generation is pending or retiring. Every wrapped or sealed blob in the state
 names its generation (kmsd.domain_blob); `stored_blobs` lists them all, and a
 command that would add a blob of a generation that is neither active nor
 retiring is refused, so nothing can come to depend on a generation once it is
-retired.
+retired. Not the backing keys of keys in a custom key store: those are wrapped
+under the store's own key in its token, which no generation names (read as a
+domain blob, such a bare key-wrap blob would pass for generation 1) and no
+domain key can re-wrap. A store's KeyStorePassword, sealed under the domain
+key, is listed like any other sealed secret.
 
 Pure like the rest of the state machine: no clock, no randomness, no I/O.
 """
@@ -51,7 +55,8 @@ BACKING_KEY = "backing"
 IMPORT_WRAPPING_KEY = "import"
 ACCESS_KEY_SECRET = "access"
 AUDIT_SIGNING_KEY = "audit"
-_SEALED_KINDS = (ACCESS_KEY_SECRET,)
+CUSTOM_KEY_STORE_PASSWORD = "keystore"
+_SEALED_KINDS = (ACCESS_KEY_SECRET, CUSTOM_KEY_STORE_PASSWORD)
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,11 @@ def blob_generation(kind: str, blob: bytes) -> int:
 
 
 def stored_blobs(state: KmsState) -> Iterator[StoredBlob]:
-    """Every wrapped or sealed blob in the state, in a deterministic order."""
+    """Every blob in the state wrapped or sealed under a domain-key generation, in a
+    deterministic order."""
     for key_id, record in sorted(list(state.keys.items())):
+        if record.custom_key_store_id is not None:
+            continue  # wrapped under its store's key (module docstring)
         for backing in record.backing_keys:
             if backing.wrapped:
                 yield StoredBlob((BACKING_KEY, key_id, str(backing.version)), backing.wrapped,
@@ -101,6 +109,8 @@ def stored_blobs(state: KmsState) -> Iterator[StoredBlob]:
         yield StoredBlob((ACCESS_KEY_SECRET, access_key_id), access_key.wrapped_secret, None)
     if state.audit_signing_key is not None:
         yield StoredBlob((AUDIT_SIGNING_KEY,), state.audit_signing_key[0], None)
+    for store_id, store in sorted(list(state.custom_key_stores.items())):
+        yield StoredBlob((CUSTOM_KEY_STORE_PASSWORD, store_id), store.sealed_password, None)
 
 
 def blobs_by_generation(state: KmsState) -> dict[int, int]:
@@ -240,7 +250,7 @@ class DomainGenerationsMixin:
         kind, rest = locator[0], locator[1:]
         if kind == BACKING_KEY and len(rest) == 2 and rest[1].isdigit():
             record = state.keys.get(rest[0])
-            if record is None:
+            if record is None or record.custom_key_store_id is not None:
                 return False
             version = int(rest[1])
             backings = list(record.backing_keys)
@@ -266,6 +276,14 @@ class DomainGenerationsMixin:
             if access_key is None or access_key.wrapped_secret != old:
                 return False
             state.access_keys[rest[0]] = dataclasses.replace(access_key, wrapped_secret=new)
+            return True
+        if kind == CUSTOM_KEY_STORE_PASSWORD and len(rest) == 1:
+            # Not UpdateCustomKeyStore: the same password, sealed anew, whatever the store's
+            # connection state.
+            store = state.custom_key_stores.get(rest[0])
+            if store is None or store.sealed_password != old:
+                return False
+            state.custom_key_stores[rest[0]] = dataclasses.replace(store, sealed_password=new)
             return True
         if kind == AUDIT_SIGNING_KEY and not rest:
             signing = state.audit_signing_key

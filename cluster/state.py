@@ -5,8 +5,9 @@ I/O: every replica that applies the same commands in the same order holds the
 same state. It is driven by pysyncobj in production and directly by tests.
 
 The state holds key metadata, aliases, access keys and cluster configuration.
-Key material appears only wrapped under the domain key; access-key secrets
-only wrapped as well. Which domain-key generation wraps what, and the
+Key material appears only wrapped under the domain key (a custom key store's
+keys: under that store's key, in its token); access-key secrets and key store
+passwords only sealed under the domain key. Which domain-key generation wraps what, and the
 commands of a domain-key rotation, are in cluster/domain_generations.py.
 
 Threading: `apply` runs on pysyncobj's tick thread while the event loop reads.
@@ -595,6 +596,12 @@ class KmsState(dg.DomainGenerationsMixin):
 
     def _apply_RotateKey(self, cmd: c.RotateKey) -> KeyRecord | None:
         record = self._key_usable_for_management(cmd.key_id)
+        if record.custom_key_store_id is not None:
+            # AWS RotateKeyOnDemand / EnableKeyRotation: not for KMS keys in a custom key
+            # store. Here too because a domain-wrapped version would sit among its
+            # store-wrapped ones, where no domain-key rotation looks.
+            raise _Refuse("UnsupportedOperationException",
+                          f"{record.arn} is in a custom key store and cannot be rotated.")
         if cmd.rotation_type == ROTATION_AUTOMATIC and not record.rotation_enabled:
             return None  # rotation was disabled after the scheduler proposed this one
         if record.current_backing_key.version != cmd.expected_version:
@@ -651,6 +658,7 @@ class KmsState(dg.DomainGenerationsMixin):
             raise _Refuse("LimitExceededException",
                           f"An account can have at most {cmd.max_stores} custom key stores "
                           "in a region.")
+        self.require_live_blob(dg.CUSTOM_KEY_STORE_PASSWORD, cmd.sealed_password)
         self.custom_key_stores[cmd.store_id] = store
         return store
 
@@ -672,6 +680,8 @@ class KmsState(dg.DomainGenerationsMixin):
             sealed_password=(cmd.sealed_password if cmd.sealed_password is not None
                              else store.sealed_password))
         self._check_store_names(updated)
+        if cmd.sealed_password is not None:
+            self.require_live_blob(dg.CUSTOM_KEY_STORE_PASSWORD, cmd.sealed_password)
         self.custom_key_stores[store.store_id] = updated
         return updated
 

@@ -18,10 +18,12 @@ up a rotation where the old one stopped. One step at a time:
    it: nothing is wrapped under a pending generation, and the rotation
    starts over with a new one.
 3. retiring -> the leader re-wraps the blobs of the old generation in its
-   token (kmsd.hsm.rewrap; sealed secrets are opened and sealed again) and
-   proposes them in batches of REWRAP_BATCH (RewrapDomainBlobs). The state
-   machine applies an item only if the blob is still the one re-wrapped, so
-   a concurrent DeleteKey, import or deletion wins; the next round picks up
+   token (kmsd.hsm.rewrap; sealed secrets -- access-key secrets, custom key
+   store passwords -- are opened and sealed again; a custom key store's keys
+   are under its store key, not re-wrapped) and proposes them in batches of
+   REWRAP_BATCH (RewrapDomainBlobs). The state machine applies an item only
+   if the blob is still the one re-wrapped, so a concurrent DeleteKey,
+   import, password change or deletion wins; the next round picks up
    whatever changed. When no blob refers to the old generation, every member
    that answers has applied the activation (so wraps no more under the old
    one) and RETIRE_GRACE_SECONDS have passed since it, one last look, then
@@ -71,6 +73,7 @@ from kmsd.hsm.rewrap import rewrap_key
 from kmsd.service import domain_members
 from kmsd.service.context import Caller
 from kmsd.service.core import UNAVAILABLE_MESSAGE, ServiceCore
+from kmsd.service.key_store_tokens import password_aad
 
 log = structlog.get_logger("kmsd.domain")
 
@@ -334,6 +337,8 @@ class DomainRotator:
         kind = stored.locator[0]
         if kind == dg.ACCESS_KEY_SECRET:
             return hsm.reseal(stored.blob, secret_aad(stored.locator[1]))
+        if kind == dg.CUSTOM_KEY_STORE_PASSWORD:
+            return hsm.reseal(stored.blob, password_aad(stored.locator[1]))
         if kind == dg.AUDIT_SIGNING_KEY:
             return rewrap_key(hsm, stored.blob, digests.KEY_SPEC)
         if stored.key_spec is None:

@@ -67,6 +67,27 @@ def rewrap_everything(state: KmsState, generation: int) -> tuple[int, int]:
     return ok(state, c.RewrapDomainBlobs(generation, items))
 
 
+STORE = "cks-1234567890abcdef0"
+SEALED_KINDS = (dg.ACCESS_KEY_SECRET, dg.CUSTOM_KEY_STORE_PASSWORD)
+
+
+def store_blob(salt: int = 0) -> bytes:
+    """A stand-in key-wrap blob under a custom key store's key: bare, like a domain
+    generation 1 blob (the store's token labels its key as a node's token does)."""
+    return salt.to_bytes(8, "big") + b"\xee" * 32
+
+
+def create_store(state: KmsState, password: bytes, store_id: str = STORE) -> Any:
+    return state.apply(c.CreateCustomKeyStore(store_id, "us-east-1", ACCOUNT, store_id,
+                                              f"cluster-{store_id}", "anchor", password, 1.0,
+                                              10))
+
+
+def key_in_store(key_id: str, blob: bytes, store_id: str = STORE) -> c.CreateKey:
+    return c.CreateKey(key_id, "us-east-1", ACCOUNT, "", "ENCRYPT_DECRYPT", "SYMMETRIC_DEFAULT",
+                       "AWS_CLOUDHSM", "{}", (), blob, 1.0, custom_key_store_id=store_id)
+
+
 def states(state: KmsState) -> dict[int, str]:
     return {n: g.state for n, g in state.domain_generations.items()}
 
@@ -269,6 +290,7 @@ def test_any_interleaving_leaves_every_blob_under_a_live_generation(data: st.Dat
         likely_retiring = st.sampled_from(retiring) if retiring else any_generation
         op = data.draw(st.sampled_from((
             "create", "rotate_key", "delete_key", "put_access", "delete_access", "join",
+            "store", "store_password", "store_key",
             "request", "begin", "abandon", "activate", "rewrap", "rewrap_stale", "rewrap_all",
             "retire")))
         before = {b.locator: b.blob for b in dg.stored_blobs(state)}
@@ -288,6 +310,17 @@ def test_any_interleaving_leaves_every_blob_under_a_live_generation(data: st.Dat
                                  sealed(data.draw(any_generation), salt), 1.0)
         elif op == "delete_access":
             cmd = c.DeleteAccessKey(data.draw(st.sampled_from(ACCESS_POOL)))
+        elif op == "store":
+            cmd = c.CreateCustomKeyStore(STORE, "us-east-1", ACCOUNT, "s", "cluster-s", "a",
+                                         sealed(data.draw(any_generation), salt), 1.0, 10)
+        elif op == "store_password":
+            # Only a disconnected store's password changes.
+            state.apply(c.SetCustomKeyStoreConnection(STORE, "DISCONNECTED"))
+            cmd = c.UpdateCustomKeyStore(STORE, None, None,
+                                         sealed(data.draw(any_generation), salt))
+        elif op == "store_key":
+            state.apply(c.SetCustomKeyStoreConnection(STORE, "CONNECTED", key_check="s"))
+            cmd = key_in_store(data.draw(st.sampled_from(KEY_POOL)), store_blob(salt))
         elif op == "join":
             members.append(f"n{len(members) + 1}")
             cmd = c.RegisterNode(members[-1], "az", "a:1", "u", "a")
@@ -314,7 +347,7 @@ def test_any_interleaving_leaves_every_blob_under_a_live_generation(data: st.Dat
             items = []
             for locator in chosen:
                 old = before[locator] if op == "rewrap" else wrapped(1, 10**6 + salt)
-                new = (sealed if locator[0] == dg.ACCESS_KEY_SECRET else wrapped)(target, salt)
+                new = (sealed if locator[0] in SEALED_KINDS else wrapped)(target, salt)
                 items.append((locator, old, new))
             cmd = c.RewrapDomainBlobs(data.draw(st.sampled_from(
                 (state.active_generation, target))), tuple(items))
@@ -352,8 +385,57 @@ def check_invariants(state: KmsState) -> None:
     # Every blob unwraps under a generation every token still holds, and under no other.
     for stored in dg.stored_blobs(state):
         assert stored.generation in live, (stored.locator, stored.generation, by_state)
+    # A custom key store's keys are under its store key: never listed, never re-wrapped.
+    listed = {b.locator for b in dg.stored_blobs(state)}
+    for key_id, record in list(state.keys.items()):
+        if record.custom_key_store_id is not None:
+            assert not any(locator[:2] == (dg.BACKING_KEY, key_id) for locator in listed)
+            assert all(b.wrapped.endswith(b"\xee" * 32) for b in record.backing_keys)
     if by_state.get(dg.RETIRING):
         assert max(live) == by_state[dg.ACTIVE][0]
+
+
+def test_a_store_keys_blob_is_no_domain_blob_and_a_store_password_is() -> None:
+    state = cluster()
+    ok(state, create_key("k1", wrapped(1, 1)))
+    assert isinstance(create_store(state, sealed(1, 1)), Applied)
+    ok(state, c.SetCustomKeyStoreConnection(STORE, "CONNECTED", key_check="s"))
+    ok(state, key_in_store("in-store", store_blob(1)))
+    listed = {b.locator: b for b in dg.stored_blobs(state)}
+    assert (dg.BACKING_KEY, "in-store", "1") not in listed
+    password = listed[(dg.CUSTOM_KEY_STORE_PASSWORD, STORE)]
+    assert password.sealed and password.generation == 1 and password.blob == sealed(1, 1)
+    assert dg.blobs_by_generation(state) == {1: 2}
+
+    begin_and_activate(state)
+    # A rewrap naming the store key's backing key changes nothing: no domain key wraps it.
+    assert ok(state, c.RewrapDomainBlobs(2, (((dg.BACKING_KEY, "in-store", "1"),
+                                              store_blob(1), wrapped(2, 5)),))) == (0, 1)
+    # A stale old password (changed meanwhile) is skipped, the current one re-sealed --
+    # while the store is connected, where UpdateCustomKeyStore could not change it.
+    locator = (dg.CUSTOM_KEY_STORE_PASSWORD, STORE)
+    assert ok(state, c.RewrapDomainBlobs(2, ((locator, sealed(1, 9), sealed(2, 9)),))) \
+        == (0, 1)
+    assert rewrap_everything(state, 2) == (2, 0)
+    assert state.custom_key_stores[STORE].sealed_password != sealed(1, 1)
+    assert domain_blob.seal_generation(state.custom_key_stores[STORE].sealed_password) == 2
+    assert state.custom_key_stores[STORE].connection_state == "CONNECTED"
+    # The store key does not hold generation 1 back.
+    ok(state, c.RetireDomainGeneration(1, 20.0))
+    assert state.keys["in-store"].backing_keys[0].wrapped == store_blob(1)
+
+    # New store keys are bare store-key blobs, whatever generation is retired.
+    ok(state, key_in_store("in-store-2", store_blob(2)))
+    assert dg.blobs_by_generation(state) == {2: 2}
+    # Nor can a domain-wrapped version join a store key's store-wrapped ones.
+    assert refused(state, c.RotateKey("in-store-2", wrapped(2, 6), "ON_DEMAND", 1, 10, 21.0)
+                   ).error_type == "UnsupportedOperationException"
+    # A password sealed under a retired generation is refused, at creation and update.
+    assert create_store(state, sealed(1, 3), "cks-2").error_type == "KMSInternalException"
+    ok(state, c.SetCustomKeyStoreConnection(STORE, "DISCONNECTED"))
+    refused(state, c.UpdateCustomKeyStore(STORE, None, None, sealed(1, 4)))
+    ok(state, c.UpdateCustomKeyStore(STORE, None, None, sealed(2, 4)))
+    ok(state, c.UpdateCustomKeyStore(STORE, "renamed", None, None))
 
 
 @pytest.mark.parametrize("blob", [os.urandom(40), wrapped(5)])
