@@ -383,6 +383,61 @@ class RestoreSnapshot(Command):
 
 
 @dataclass(frozen=True)
+class RequestDomainRotation(Command):
+    """An operator asked for a domain-key rotation; the leader carries it out
+    (kmsd.service.domain_rotation). Changes nothing while one is requested or running."""
+
+    at: float
+
+
+@dataclass(frozen=True)
+class BeginDomainRotation(Command):
+    """A new domain-key generation, made in the proposer's HSM (its check value here),
+    pending until every member holds it. `generation` must be the next number."""
+
+    generation: int
+    check: str
+    at: float
+
+
+@dataclass(frozen=True)
+class AbandonDomainGeneration(Command):
+    """Give up a pending generation (the leader does not hold it: its maker left before
+    cloning it there); the rotation stays requested and begins again with the next number."""
+
+    generation: int
+    at: float
+
+
+@dataclass(frozen=True)
+class ActivateDomainGeneration(Command):
+    """Every member confirmed it holds the pending generation: new blobs are wrapped under it
+    and the previous active generation starts retiring. Refused unless `confirmed_members`
+    covers every member at this log position."""
+
+    generation: int
+    confirmed_members: tuple[str, ...]
+    at: float
+
+
+@dataclass(frozen=True)
+class RewrapDomainBlobs(Command):
+    """A batch of blobs re-wrapped in the proposer's HSM under the active `generation`:
+    (locator, old blob, new blob). Each item applies only if its blob is still `old`."""
+
+    generation: int
+    items: tuple[tuple[tuple[str, ...], bytes, bytes], ...]
+
+
+@dataclass(frozen=True)
+class RetireDomainGeneration(Command):
+    """No blob refers to this retiring generation any more: every token may destroy it."""
+
+    generation: int
+    at: float
+
+
+@dataclass(frozen=True)
 class Barrier(Command):
     """Changes nothing; its commit proves this node has applied the log up to it."""
 

@@ -5,8 +5,10 @@ I/O: every replica that applies the same commands in the same order holds the
 same state. It is driven by pysyncobj in production and directly by tests.
 
 The state holds key metadata, aliases, access keys and cluster configuration.
-Key material appears only wrapped under the domain key; access-key secrets
-only wrapped as well.
+Key material appears only wrapped under the domain key (a custom key store's
+keys: under that store's key, in its token); access-key secrets and key store
+passwords only sealed under the domain key. Which domain-key generation wraps what, and the
+commands of a domain-key rotation, are in cluster/domain_generations.py.
 
 Threading: `apply` runs on pysyncobj's tick thread while the event loop reads.
 Every change replaces a whole frozen record (`dict[k] = new`) or removes one,
@@ -24,6 +26,7 @@ from typing import Any
 import msgpack
 
 from cluster import commands as c
+from cluster import domain_generations as dg
 from kmsd.audit.chain import AuditChain, AuditEntry, CanonicalEncodingError, ChainedRecord
 
 KEY_STATE_ENABLED = "Enabled"
@@ -46,6 +49,9 @@ class BackingKey:
     created_at: float
     # None for the key's first material, else AUTOMATIC or ON_DEMAND.
     rotation_type: str | None = None
+    # KeyMaterialId, fixed when a domain-key rotation first re-wraps the material (until then
+    # the SHA-256 of `wrapped`); see key_material_id.
+    material_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -243,7 +249,7 @@ class _Refuse(Exception):
         self.rejected = Rejected(error_type, message)
 
 
-class KmsState:
+class KmsState(dg.DomainGenerationsMixin):
     def __init__(self) -> None:
         self.keys: dict[str, KeyRecord] = {}
         self.aliases: dict[tuple[str, str], AliasRecord] = {}
@@ -256,7 +262,8 @@ class KmsState:
         self.nodes: dict[str, NodeRecord] = {}
         # Join tokens by SHA-256: (expiry, node id that used it or "").
         self.join_tokens: dict[str, tuple[float, str]] = {}
-        self.domain_key_check: str | None = None
+        self.domain_generations: dict[int, dg.DomainGeneration] = {}
+        self.domain_rotation_requested_at: float | None = None
         self.audit = AuditChain()
         # (wrapped private key, DER public key) of the audit digest signing key.
         self.audit_signing_key: tuple[bytes, bytes] | None = None
@@ -276,12 +283,15 @@ class KmsState:
             return Applied(handler(command))
         except _Refuse as refusal:
             return refusal.rejected
+        except dg.Refused as refusal:
+            return Rejected(refusal.error_type, refusal.message)
 
     def _apply_Barrier(self, cmd: c.Barrier) -> None:
         return None
 
     def _apply_SetAuditSigningKey(self, cmd: c.SetAuditSigningKey) -> tuple[bytes, bytes]:
         if self.audit_signing_key is None:
+            self.require_live_blob(dg.AUDIT_SIGNING_KEY, cmd.wrapped_private)
             self.audit_signing_key = (cmd.wrapped_private, cmd.public_key)
         return self.audit_signing_key
 
@@ -307,11 +317,6 @@ class KmsState:
                     self.usage_tracking_start = event_time
         return records
 
-    def _apply_InitCluster(self, cmd: c.InitCluster) -> str:
-        if self.domain_key_check is None:
-            self.domain_key_check = cmd.domain_key_check
-        return self.domain_key_check
-
     def _apply_RegisterNode(self, cmd: c.RegisterNode) -> None:
         self.nodes[cmd.node_id] = NodeRecord(cmd.node_id, cmd.az, cmd.raft_address,
                                              cmd.api_url, cmd.admin_url)
@@ -325,11 +330,17 @@ class KmsState:
             saved.restore_snapshot(cmd.snapshot)
         except (ValueError, KeyError, TypeError, msgpack.UnpackException):
             raise _Refuse("ValidationException", "Not a kmsd state snapshot.") from None
-        if saved.domain_key_check != self.domain_key_check:
-            raise _Refuse("ValidationException",
-                          "The snapshot's key material is wrapped under another domain key "
-                          f"({saved.domain_key_check}); this cluster's is "
-                          f"{self.domain_key_check}.")
+        live = [(g.generation, g.check) for g in self.generations_in(*dg.LIVE)]
+        for generation in sorted({b.generation for b in dg.stored_blobs(saved)}):
+            theirs = saved.domain_generations.get(generation)
+            ours = self.domain_generations.get(generation)
+            if (theirs is None or ours is None or ours.state not in dg.LIVE
+                    or theirs.check != ours.check):
+                raise _Refuse("ValidationException",
+                              "The snapshot's key material is wrapped under another domain key "
+                              f"(generation {generation}, "
+                              f"{theirs.check if theirs else 'unknown'}); this cluster's "
+                              f"live generations are {live}.")
         # This cluster keeps its own members, audit chain and credentials made so far.
         self.keys = dict(saved.keys)
         self.custom_key_stores = dict(saved.custom_key_stores)
@@ -356,6 +367,7 @@ class KmsState:
     def _apply_PutAccessKey(self, cmd: c.PutAccessKey) -> bool:
         if cmd.access_key_id in self.access_keys:
             return False
+        self.require_live_blob(dg.ACCESS_KEY_SECRET, cmd.wrapped_secret)
         self.access_keys[cmd.access_key_id] = AccessKeyRecord(
             cmd.access_key_id, cmd.principal_arn, cmd.account_id, cmd.wrapped_secret, cmd.at)
         return True
@@ -461,6 +473,10 @@ class KmsState:
                 raise _Refuse("CustomKeyStoreInvalidStateException",
                               f"Custom key store {store.store_id} is not connected "
                               f"({store.connection_state}).")
+        elif cmd.origin != ORIGIN_EXTERNAL:
+            # A store key's backing key is wrapped under the store's own key, which no
+            # domain-key generation names.
+            self.require_live_blob(dg.BACKING_KEY, cmd.wrapped_backing_key)
         record = KeyRecord(
             key_id=cmd.key_id, region=cmd.region, account_id=cmd.account_id,
             description=cmd.description, key_usage=cmd.key_usage, key_spec=cmd.key_spec,
@@ -580,6 +596,12 @@ class KmsState:
 
     def _apply_RotateKey(self, cmd: c.RotateKey) -> KeyRecord | None:
         record = self._key_usable_for_management(cmd.key_id)
+        if record.custom_key_store_id is not None:
+            # AWS RotateKeyOnDemand / EnableKeyRotation: not for KMS keys in a custom key
+            # store. Here too because a domain-wrapped version would sit among its
+            # store-wrapped ones, where no domain-key rotation looks.
+            raise _Refuse("UnsupportedOperationException",
+                          f"{record.arn} is in a custom key store and cannot be rotated.")
         if cmd.rotation_type == ROTATION_AUTOMATIC and not record.rotation_enabled:
             return None  # rotation was disabled after the scheduler proposed this one
         if record.current_backing_key.version != cmd.expected_version:
@@ -593,6 +615,7 @@ class KmsState:
                 raise _Refuse("LimitExceededException",
                               f"{record.arn} has reached the limit of {cmd.max_on_demand}"
                               " on-demand rotations.")
+        self.require_live_blob(dg.BACKING_KEY, cmd.wrapped_backing_key)
         backing = BackingKey(cmd.expected_version + 1, cmd.wrapped_backing_key, cmd.at,
                              cmd.rotation_type)
         updated = dataclasses.replace(record, backing_keys=(*record.backing_keys, backing))
@@ -635,6 +658,7 @@ class KmsState:
             raise _Refuse("LimitExceededException",
                           f"An account can have at most {cmd.max_stores} custom key stores "
                           "in a region.")
+        self.require_live_blob(dg.CUSTOM_KEY_STORE_PASSWORD, cmd.sealed_password)
         self.custom_key_stores[cmd.store_id] = store
         return store
 
@@ -656,6 +680,8 @@ class KmsState:
             sealed_password=(cmd.sealed_password if cmd.sealed_password is not None
                              else store.sealed_password))
         self._check_store_names(updated)
+        if cmd.sealed_password is not None:
+            self.require_live_blob(dg.CUSTOM_KEY_STORE_PASSWORD, cmd.sealed_password)
         self.custom_key_stores[store.store_id] = updated
         return updated
 
@@ -715,6 +741,7 @@ class KmsState:
 
     def _apply_SetImportParameters(self, cmd: c.SetImportParameters) -> ImportParameters:
         self._external_key(cmd.key_id)
+        self.require_live_blob(dg.IMPORT_WRAPPING_KEY, cmd.wrapped_private)
         parameters = ImportParameters(cmd.key_id, cmd.token_id, cmd.wrapping_algorithm,
                                       cmd.wrapping_key_spec, cmd.wrapped_private,
                                       cmd.public_key, cmd.expires_at)
@@ -745,6 +772,8 @@ class KmsState:
             raise _Refuse("IncorrectKeyMaterialException",
                           f"The key material is not the key material previously imported "
                           f"into {record.arn}.")
+        if not record.backing_keys:
+            self.require_live_blob(dg.BACKING_KEY, cmd.wrapped_backing_key)
         backing_keys = record.backing_keys or (BackingKey(1, cmd.wrapped_backing_key, cmd.at),)
         key_state = (KEY_STATE_ENABLED if record.key_state == KEY_STATE_PENDING_IMPORT
                      else record.key_state)
@@ -820,6 +849,8 @@ class KmsState:
             "nodes": records(self.nodes),
             "join_tokens": {k: list(v) for k, v in sorted(self.join_tokens.items())},
             "domain_key_check": self.domain_key_check,
+            "domain_generations": self.generations_snapshot(),
+            "domain_rotation_requested_at": self.domain_rotation_requested_at,
             "audit": self.audit.to_snapshot(),
             "audit_signing_key": (list(self.audit_signing_key)
                                   if self.audit_signing_key else None),
@@ -859,7 +890,8 @@ class KmsState:
         self.import_parameters = import_parameters
         self.custom_key_stores = custom_key_stores
         self.join_tokens = {k: (v[0], v[1]) for k, v in raw.get("join_tokens", {}).items()}
-        self.domain_key_check = raw["domain_key_check"]
+        self.domain_generations = self.generations_from_snapshot(raw)
+        self.domain_rotation_requested_at = raw.get("domain_rotation_requested_at")
         self.audit = AuditChain.from_snapshot(raw["audit"])
         signing = raw.get("audit_signing_key")
         self.audit_signing_key = (signing[0], signing[1]) if signing else None

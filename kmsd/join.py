@@ -1,10 +1,11 @@
 """`kmsd join`: prepare a new node to join a running cluster, HSM to HSM.
 
 The new node's token makes a transport key pair; the member named by --via
-wraps the domain key (and seals the cluster's Raft secret) to it, records the
-new node and adds it to the Raft membership. This command then unwraps the
-domain key into the token, checks its check value, writes the Raft secret to
-the configured password file (0600) and the member list to the data dir.
+wraps every domain-key generation in use (and seals the cluster's Raft
+secret) to it, records the new node and adds it to the Raft membership. This
+command then unwraps the domain keys into the token, checks their check
+values, writes the Raft secret to the configured password file (0600) and
+the member list to the data dir.
 Start the node with `kmsd serve` afterwards.
 """
 
@@ -47,16 +48,20 @@ def join(config: NodeConfig, partition: HsmPartition, token: str, via: str,
         "DomainKeyCheck": None if point else partition.domain_key_check_value()},
         ca_bundle)
     if point is not None:
-        secret = domain_clone.accept_domain_key(
+        secret = domain_clone.accept_domain_keys(
             partition, bytes.fromhex(answer["DonorPoint"]),
-            bytes.fromhex(answer["WrappedDomainKey"]), bytes.fromhex(answer["SealedSecret"]))
+            {int(n): bytes.fromhex(w) for n, w in answer["WrappedDomainKeys"].items()},
+            bytes.fromhex(answer["SealedSecret"]))
         fd = os.open(config.raft_password.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(secret)
-    check = partition.domain_key_check_value()
-    if check != answer["DomainKeyCheck"]:
-        raise ConfigError(f"this token's domain key ({check}) is not the cluster's "
-                          f"({answer['DomainKeyCheck']}); the node will not serve")
+    held = partition.held_generations()
+    for number, expected in sorted(answer["DomainGenerations"].items()):
+        if held.get(int(number)) != expected:
+            raise ConfigError(f"this token's domain key of generation {number} "
+                              f"({held.get(int(number))}) is not the cluster's ({expected}); "
+                              "the node will not serve")
+    check = answer["DomainKeyCheck"]
     os.makedirs(config.data_dir, exist_ok=True)
     with open(os.path.join(config.data_dir, "raft-peers.json"), "w", encoding="utf-8") as out:
         json.dump([*answer["Peers"], config.raft_address], out)

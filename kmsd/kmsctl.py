@@ -181,8 +181,21 @@ def main(argv: list[str] | None = None) -> int:
                                                        "algorithm takes on the token")
     capabilities.add_argument("--node", help="node id (default: the --endpoint node)")
 
+    domain = sub.add_parser("domain", help="domain-key generations and their rotation"
+                            ).add_subparsers(dest="action", required=True)
+    rotate = domain.add_parser("rotate", help="new domain key in every HSM, re-wrap every "
+                                              "stored key under it, destroy the old one")
+    rotate.add_argument("--no-wait", action="store_true",
+                        help="return once the rotation is requested")
+    rotate.add_argument("--timeout", type=float, default=3600,
+                        help="seconds to wait for the rotation to finish")
+    domain.add_parser("status", help="generations, how many blobs each wraps, what each "
+                                     "member's token holds")
+
     args = parser.parse_args(argv)
     client = _client(args)
+    if args.group == "domain":
+        return _domain(client, args)
     if args.group == "audit":
         return _audit(client, args)
     if args.group == "snapshot":
@@ -217,6 +230,58 @@ def _hsm_capabilities(client: AdminClient, args: argparse.Namespace) -> int:
     helper = report["helper_process"]
     if helper["enabled"]:
         print("HSM helper process (off the event loop): " + "; ".join(helper["runs"]))
+    return 0
+
+
+def _print_domain(status: dict[str, Any]) -> None:
+    print(f"phase: {status['Phase']}   active generation: {status['ActiveGeneration']}"
+          + (f"   leader: {status['LeaderProgress']}" if status.get("LeaderProgress") else ""))
+    for generation in status["Generations"]:
+        print(f"  generation {generation['Generation']}: {generation['State']:<9} check "
+              f"{generation['Check']}  blobs {generation['Blobs']}")
+    for member in status["Members"]:
+        held = (", ".join(f"{n}" for n in sorted(member["Held"], key=int))
+                if member["Held"] is not None else "unreachable")
+        print(f"  {member['NodeId']}: holds generation(s) {held}")
+
+
+def _domain(client: AdminClient, args: argparse.Namespace) -> int:
+    if args.action == "status":
+        status = client.get("/v1/domain")
+        if args.json:
+            print(json.dumps(status, indent=2))
+        else:
+            _print_domain(status)
+        return 0
+    status = client.call("POST", "/v1/domain/rotate")
+    print("rotation requested" if status["Started"] else "a rotation is already running",
+          flush=True)
+    deadline = time.monotonic() + args.timeout
+    last = ""
+    while not args.no_wait:
+        # Requested -> cloning -> re-wrapping -> destroying -> idle, with every member holding
+        # exactly the live generations.
+        line = (f"{status['Phase']}: "
+                + "; ".join(f"generation {g['Generation']} {g['State']} ({g['Blobs']} blobs)"
+                            for g in status["Generations"]
+                            if g["State"] not in ("retired", "abandoned") or g["Blobs"]))
+        if status.get("LeaderProgress"):
+            line += f" [{status['LeaderProgress']}]"
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if not status["InProgress"]:
+            break
+        if time.monotonic() > deadline:
+            print("kmsctl: the rotation has not finished; it goes on in the cluster "
+                  "(kmsctl domain status)", file=sys.stderr)
+            return 1
+        time.sleep(1)
+        status = client.get("/v1/domain")
+    if args.json:
+        print(json.dumps(status, indent=2))
+    elif not args.no_wait:
+        _print_domain(status)
     return 0
 
 

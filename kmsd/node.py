@@ -1,11 +1,13 @@
 """One kmsd node: an HSM partition, a Raft member and two HTTP listeners in one process.
 
-Start-up order: open the token and find the domain key (a node without one
+Start-up order: open the token and find a domain key (a node without one
 refuses to start) → start Raft → listen → in the background, once the cluster
-has a leader: record or compare the domain-key check value (a node whose token
-holds another domain key never serves), register this node as a member, and
-add bootstrap credentials if the environment carries them. `/readyz` turns
-200 only after all of that.
+has a leader: record the first domain-key check value or compare the token
+with the domain-key generations in the state (a token holding another key
+for generation 1 never serves; retired generations are destroyed; a live
+generation the token lacks is waited for, the leader sends it), register this
+node as a member, and add bootstrap credentials if the environment carries
+them. `/readyz` turns 200 only after all of that.
 """
 
 from __future__ import annotations
@@ -32,26 +34,27 @@ from cluster.state import (
     MaterialDeleted,
     Rejected,
 )
-from kmsd import bootstrap, sd_notify
+from kmsd import bootstrap, domain_blob, sd_notify
 from kmsd.api.admin import make_admin_app
 from kmsd.api.protocol import MAX_BODY_BYTES, Authenticator, KmsProtocol
 from kmsd.api.validation import RequestValidator
-from kmsd.audit.backfill import Backfiller
+from kmsd.audit.backfill import Backfiller, peer_key
 from kmsd.audit.committer import AuditCommitter
 from kmsd.audit.digest_signer import DigestSigner
 from kmsd.audit.sink import SegmentSink
-from kmsd.auth.credentials import CredentialStore
+from kmsd.auth.credentials import CredentialStore, secret_aad
 from kmsd.auth.sigv4 import SigV4Verifier
 from kmsd.clock import Clock, OffsetClock, SystemClock
 from kmsd.config import NodeConfig
 from kmsd.hsm.asymmetric import AsymmetricKeys
-from kmsd.hsm.partition import HsmError, HsmPartition
+from kmsd.hsm.partition import HsmAuthenticationFailed, HsmError, HsmPartition
 from kmsd.hsm.worker_process import WorkerSettings
 from kmsd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kmsd.metrics import NodeFacts, NodeMetrics
-from kmsd.service import principals
+from kmsd.service import domain_members, principals
 from kmsd.service.asymmetric_hsm import AsymmetricHsm
 from kmsd.service.core import ServiceCore
+from kmsd.service.domain_rotation import DomainRotator, PeerClient
 from kmsd.service.scheduler import KeyScheduler
 from kmsd.tls import CertificatePaths, certificate_expiry, server_context
 
@@ -85,8 +88,11 @@ class Node:
         if config.softhsm2_conf:
             os.environ["SOFTHSM2_CONF"] = config.softhsm2_conf
         self.hsm = HsmPartition(config.hsm_module, config.token_label, config.pin.read("HSM PIN"))
-        self.domain_key_check = self.hsm.domain_key_check_value()
+        if not self.hsm.has_domain_key():
+            raise HsmError(f"token {config.token_label!r} holds no domain key")
         self.state = KmsState()
+        # New blobs are wrapped under the generation the replicated state calls active.
+        self.hsm.generation_source = lambda: self.state.active_generation
         self._raft_password = config.raft_password.read("Raft password")
         self.raft = RaftNode(RaftSettings(
             self_address=config.raft_address, peer_addresses=membership_peers(config),
@@ -121,6 +127,10 @@ class Node:
                                     on_failure=self.metrics.audit_commit_failures.inc)
         self.digest_signer = DigestSigner(self.core, self.audit, AsymmetricKeys(self.hsm),
                                           config.node_id, AUDIT_DIGEST_INTERVAL_SECONDS)
+        self.peers = PeerClient(config.node_id, peer_key(self._raft_password),
+                                self._peer_ssl_context())
+        self.domain_rotator = DomainRotator(self.core, self.peers,
+                                            config.scheduler_interval_seconds, self.audit)
         self.protocol = KmsProtocol(self.core, self.authenticator, RequestValidator(),
                                     self.not_ready_reason, self.audit, config.node_id,
                                     self.metrics.observe_request)
@@ -203,14 +213,12 @@ class Node:
         while not self.raft.has_leader:
             await asyncio.sleep(0.05)
         await self.raft.barrier()
-        result = await self.raft.submit(commands.InitCluster(self.domain_key_check))
-        cluster_check = result.value if not isinstance(result, Rejected) else None
-        if cluster_check != self.domain_key_check:
-            self._not_ready = (f"This node's HSM token {self.config.token_label!r} holds a "
-                               "different domain key than the cluster; it will not serve.")
-            log.error("domain_key_mismatch", token=self.config.token_label,
-                      node_check=self.domain_key_check, cluster_check=cluster_check)
-            sd_notify.status(self._not_ready)
+        if not self.state.domain_generations:
+            # A new cluster: the first node to propose names generation 1.
+            first = self.hsm.held_generations().get(1)
+            if first is not None:
+                await self.raft.submit(commands.InitCluster(first))
+        if not await self._domain_keys_in_line():
             return
         member = commands.RegisterNode(self.config.node_id, self.config.az,
                                        self.config.raft_address, self.config.public_url,
@@ -225,7 +233,34 @@ class Node:
         await self.digest_signer.ensure_key()
         self._not_ready = None
         sd_notify.status(f"serving as {self.config.node_id}")
-        log.info("node_ready", domain_key_check=self.domain_key_check)
+        log.info("node_ready", domain_key_check=self.state.domain_key_check,
+                 domain_generation=self.state.active_generation)
+
+    async def _domain_keys_in_line(self) -> bool:
+        """Bring the token in line with the state's domain-key generations. False if it holds
+        another key for generation 1 (it never serves); waits for live generations it lacks,
+        which the leader sends (kmsd.service.domain_rotation)."""
+        while True:
+            generations = dict(self.state.domain_generations)
+            held = domain_members.reconcile(generations, self.hsm)
+            first = generations.get(1)
+            if first is not None and 1 in held and held[1] != first.check:
+                self._not_ready = (f"This node's HSM token {self.config.token_label!r} holds a "
+                                   "different domain key than the cluster; it will not serve.")
+                log.error("domain_key_mismatch", token=self.config.token_label,
+                          node_check=held[1], cluster_check=first.check)
+                sd_notify.status(self._not_ready)
+                return False
+            missing = domain_members.missing_live(generations, held)
+            if generations and not missing:
+                return True
+            if not generations:
+                self._not_ready = ("This node's HSM token holds no domain key of generation 1 "
+                                   "and the cluster has none recorded.")
+            else:
+                self._not_ready = ("Waiting for domain-key generation(s) "
+                                   f"{', '.join(map(str, missing))} from the leader.")
+            await asyncio.sleep(0.5)
 
     async def _restore_pending_snapshot(self) -> None:
         """`kmsd restore` left a state snapshot in the data dir: load it through Raft."""
@@ -247,9 +282,19 @@ class Node:
         if sealed is None:
             return
         if sealed.access_key_id not in self.state.access_keys:
+            secret = sealed.sealed_secret
+            if domain_blob.seal_generation(secret) != self.state.active_generation:
+                # `kmsd init` sealed it under the newest key in the token, which may not be
+                # the cluster's active generation (a rotation was under way).
+                try:
+                    secret = self.hsm.reseal(secret, secret_aad(sealed.access_key_id))
+                except HsmAuthenticationFailed:
+                    log.error("bootstrap_access_key_unreadable",
+                              access_key_id=sealed.access_key_id)
+                    return
             await principals.add_sealed_access_key(
                 self.core, principals.root_arn(self.config.account_id), sealed.access_key_id,
-                sealed.sealed_secret)
+                secret)
             log.info("bootstrap_access_key_added", access_key_id=sealed.access_key_id)
         bootstrap.done(self.config.data_dir)
 
@@ -266,6 +311,7 @@ class Node:
     # -- status --------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        held = self.hsm.held_generations()
         return {
             "node_id": self.config.node_id,
             "az": self.config.az,
@@ -274,8 +320,11 @@ class Node:
             "ready": self._not_ready is None,
             "not_ready_reason": self._not_ready,
             "hsm": {"module": self.config.hsm_module, "token_label": self.config.token_label,
-                    "domain_key_check": self.domain_key_check,
-                    "domain_key_verified": self.state.domain_key_check == self.domain_key_check,
+                    "domain_key_check": held.get(self.state.active_generation),
+                    "domain_key_verified": (self.state.domain_key_check is not None and
+                                            held.get(self.state.active_generation)
+                                            == self.state.domain_key_check),
+                    "domain_generations": {str(k): v for k, v in sorted(held.items())},
                     "handle_cache_hits": self.hsm.handle_cache_hits,
                     "handle_cache_misses": self.hsm.handle_cache_misses,
                     "cached_handles": self.cached_handles()},
@@ -328,6 +377,7 @@ class Node:
                             (make_admin_app(self.authenticator, self.core, self.status,
                                             self.audit_sink, self.digest_signer,
                                             self._raft_password, self.config.node_id,
+                                            self.domain_rotator, self.peers,
                                             self._peer_ssl_context()),
                              self.config.admin_listen)):
             runner = web.AppRunner(app, access_log=None)
@@ -342,6 +392,7 @@ class Node:
                        asyncio.create_task(KeyScheduler(
                            self.core, self.config.scheduler_interval_seconds).run()),
                        asyncio.create_task(self.digest_signer.run()),
+                       asyncio.create_task(self.domain_rotator.run()),
                        asyncio.create_task(Backfiller(
                            self.audit_sink, self.config.node_id, self._raft_password,
                            self._peer_admin_urls, self._peer_ssl_context()).run())]

@@ -2,6 +2,7 @@
 
 Routes:
     GET    /v1/audit/...                                     see kmsd/api/admin_audit.py
+    GET    /v1/domain, POST /v1/domain/rotate                see kmsd/api/admin_domain.py
     GET    /v1/node/status                                   this node's role, indexes, HSM
     GET    /v1/hsm/capabilities                              what this node's token does per
                                                              KMS key spec and algorithm
@@ -38,6 +39,7 @@ from aiohttp import web
 
 from cluster.raft_node import RaftUnavailable
 from kmsd.api.admin_audit import add_audit_routes
+from kmsd.api.admin_domain import add_domain_routes
 from kmsd.api.protocol import Authenticator, error_response, json_response
 from kmsd.audit.backfill import PEER_HEADER, peer_key, sign_peer_request, verify_peer_request
 from kmsd.audit.digest_signer import DigestSigner
@@ -53,6 +55,7 @@ from kmsd.service import membership, principals
 from kmsd.service.asymmetric_hsm import capabilities_report
 from kmsd.service.context import Caller
 from kmsd.service.core import ServiceCore
+from kmsd.service.domain_rotation import DomainRotator, PeerClient
 
 StatusSource = Callable[[], dict[str, Any]]
 _CALLER = web.AppKey("caller", Caller)
@@ -61,6 +64,7 @@ _CALLER = web.AppKey("caller", Caller)
 def make_admin_app(authenticator: Authenticator, core: ServiceCore,
                    node_status: StatusSource, audit_sink: SegmentSink,
                    digest_signer: DigestSigner, raft_secret: str, node_id: str,
+                   domain_rotator: DomainRotator, peers: PeerClient,
                    peer_ssl_context: ssl.SSLContext | None = None) -> web.Application:
     peer_key_bytes = peer_key(raft_secret)
     transfer_path = "/v1/internal/raft/transfer-leadership"
@@ -215,4 +219,6 @@ def make_admin_app(authenticator: Authenticator, core: ServiceCore,
     app.router.add_put("/v1/principals/{kind}/{name}/policies/{policy}", put_policy)
     app.router.add_delete("/v1/principals/{kind}/{name}/policies/{policy}", delete_policy)
     add_audit_routes(app, core, audit_sink, digest_signer, respond, root_only)
+    add_domain_routes(app, core, domain_rotator, peers, respond, root_only,
+                      lambda request: request[_CALLER])
     return app

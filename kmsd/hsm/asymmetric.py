@@ -98,7 +98,7 @@ from kmsd.hsm.capabilities import (
     ed25519_public_bytes,
     probe,
 )
-from kmsd.hsm.partition import HsmAuthenticationFailed, HsmError, HsmPartition
+from kmsd.hsm.partition import HsmAuthenticationFailed, HsmError, HsmPartition, NoDomainKey
 
 MessageType = Literal["RAW", "DIGEST"]
 RAW: MessageType = "RAW"
@@ -332,7 +332,6 @@ class AsymmetricKeys:
             raise InvalidInput(f"unknown key spec {key_spec!r}")
         self._require(key_spec)
         session = self.partition.session
-        domain_key = self.partition.domain_key
         objects: list[Any] = []
         try:
             if key_spec in HMAC_KEY_SPECS:
@@ -341,8 +340,7 @@ class AsymmetricKeys:
                     capabilities=MechanismFlag.SIGN,
                     template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True})
                 objects.append(secret)
-                wrapped = domain_key.wrap_key(secret, mechanism=Mechanism.AES_KEY_WRAP_PAD)
-                return GeneratedKey(key_spec, bytes(wrapped), None)
+                return GeneratedKey(key_spec, self.partition.wrap(secret), None)
             private_template = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True}
             if key_spec in RSA_KEY_SPECS:
                 public, private = session.generate_keypair(
@@ -364,8 +362,7 @@ class AsymmetricKeys:
                 objects += [public, private]
                 spki = (encode_ec_public_key(public) if key_type == KeyType.EC
                         else ed25519_spki(bytes(public[Attribute.EC_POINT])))
-            wrapped = domain_key.wrap_key(private, mechanism=Mechanism.AES_KEY_WRAP_PAD)
-            return GeneratedKey(key_spec, bytes(wrapped), spki)
+            return GeneratedKey(key_spec, self.partition.wrap(private), spki)
         except PKCS11Error as exc:
             raise HsmError(f"token {self.partition.token_label!r} failed to generate a "
                            f"{key_spec} key ({type(exc).__name__})") from None
@@ -411,11 +408,9 @@ class AsymmetricKeys:
             else:
                 key_type, capabilities = KeyType.EC_EDWARDS, MechanismFlag.SIGN
         try:
-            return self.partition.domain_key.unwrap_key(
-                object_class, key_type, wrapped, store=False,
-                mechanism=Mechanism.AES_KEY_WRAP_PAD, capabilities=capabilities,
-                template=template)
-        except PKCS11Error:
+            return self.partition.unwrap(wrapped, object_class, key_type,
+                                         capabilities=capabilities, template=template)
+        except (PKCS11Error, NoDomainKey):
             raise HsmError(f"cannot unwrap a {key_spec} key under this token's "
                            f"domain key") from None
 

@@ -9,8 +9,10 @@ object in the token. It owns, per KeySpec:
 - `finish`: the checks AWS makes of imported material (AWS KMS developer guide,
   "Requirements for imported key material" and "Step 3: Encrypt the key material": for
   asymmetric key pairs only the private key is imported and "AWS KMS derives the public
-  key from the private key"), the re-wrap under the domain key, a key check value and,
-  for asymmetric keys, the DER SubjectPublicKeyInfo.
+  key from the private key"), the re-wrap under the active domain-key generation (tagged
+  with it like every blob in the state, kmsd.domain_blob, so that a domain-key rotation
+  finds and re-wraps it), a key check value and, for asymmetric keys, the DER
+  SubjectPublicKeyInfo.
 
 How the public key is derived without the private key leaving the token: RSA private
 key objects carry CKA_MODULUS and CKA_PUBLIC_EXPONENT. EC private key objects carry no
@@ -43,6 +45,7 @@ from pkcs11 import KDF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClas
 from pkcs11.exceptions import KeySizeRange, PKCS11Error
 from pkcs11.util.ec import encode_ecdsa_signature, encode_named_curve_parameters
 
+from kmsd import domain_blob
 from kmsd.hsm.capabilities import (
     EC_KEY_SPECS,
     HMAC_KEY_SPECS,
@@ -50,7 +53,7 @@ from kmsd.hsm.capabilities import (
     PRIVATE_UNWRAP_FIX,
     RSA_KEY_SPECS,
 )
-from kmsd.hsm.partition import HsmError, HsmPartition
+from kmsd.hsm.partition import HsmError, HsmPartition, NoDomainKey
 
 SYMMETRIC_DEFAULT = "SYMMETRIC_DEFAULT"
 IMPORTABLE_KEY_SPECS: tuple[str, ...] = (SYMMETRIC_DEFAULT, *HMAC_KEY_SPECS, *RSA_KEY_SPECS,
@@ -88,7 +91,7 @@ class Target:
 
 @dataclass(frozen=True)
 class Finished:
-    wrapped: bytes                 # KWP under the domain key
+    wrapped: bytes                 # KWP under the active domain-key generation, tagged
     check_value: str               # hex
     public_key: bytes | None       # DER SubjectPublicKeyInfo of an asymmetric key
 
@@ -124,7 +127,7 @@ def finish(partition: HsmPartition, key_spec: str, material: Any) -> Finished:
     compute its check value (and public key). `material` stays the caller's to destroy."""
     if key_spec == SYMMETRIC_DEFAULT:
         wrapped = _wrap(partition, material)
-        if len(wrapped) != AES_256_WRAPPED_BYTES:
+        if len(domain_blob.split_wrap(wrapped)[1]) != AES_256_WRAPPED_BYTES:
             raise InvalidMaterial("SYMMETRIC_DEFAULT key material must be 256 bits")
         return Finished(wrapped, _mac(material, Mechanism.AES_CMAC), None)
     if key_spec in HMAC_KEY_SPECS:
@@ -132,7 +135,7 @@ def finish(partition: HsmPartition, key_spec: str, material: Any) -> Finished:
         low, high = HMAC_MATERIAL_BYTES[key_spec]
         # KWP output is 8 bytes of integrity block plus the key padded to a multiple of 8;
         # both bounds are multiples of 8, so the longest key is exact here.
-        if len(wrapped) > high + 8:
+        if len(domain_blob.split_wrap(wrapped)[1]) > high + 8:
             raise InvalidMaterial(f"{key_spec} key material must be {low} to {high} bytes")
         try:
             check = _mac(material, HMAC_MECHANISM[_HMAC_HASH[key_spec]])
@@ -152,9 +155,8 @@ def finish(partition: HsmPartition, key_spec: str, material: Any) -> Finished:
 
 def _wrap(partition: HsmPartition, material: Any) -> bytes:
     try:
-        return bytes(partition.domain_key.wrap_key(material,
-                                                   mechanism=Mechanism.AES_KEY_WRAP_PAD))
-    except PKCS11Error:
+        return partition.wrap(material)
+    except (PKCS11Error, NoDomainKey):
         raise HsmError("the token could not re-wrap the imported key material") from None
 
 

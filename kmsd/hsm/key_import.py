@@ -50,7 +50,7 @@ from kmsd.hsm.capabilities import (
     TokenCapabilities,
 )
 from kmsd.hsm.imported_material import SYMMETRIC_DEFAULT, InvalidMaterial
-from kmsd.hsm.partition import HsmAuthenticationFailed, HsmError, HsmPartition
+from kmsd.hsm.partition import HsmAuthenticationFailed, HsmError, HsmPartition, NoDomainKey
 
 __all__ = ["ImportRefused", "ImportedMaterial", "InvalidMaterial", "import_material",
            "import_path", "wrapping_refusal", "wrapping_rows"]
@@ -89,7 +89,7 @@ class ImportRefused(Exception):
 
 @dataclass(frozen=True)
 class ImportedMaterial:
-    wrapped: bytes       # KWP under the domain key
+    wrapped: bytes       # KWP under the active domain-key generation, tagged
     check_value: str     # hex; see kmsd.hsm.imported_material
     public_key: bytes | None = None  # DER SubjectPublicKeyInfo of an asymmetric key
 
@@ -228,13 +228,12 @@ def import_material(partition: HsmPartition, path: str, wrapping_algorithm: str,
     wrapping_private = ephemeral = material = None
     try:
         try:
-            wrapping_private = partition.domain_key.unwrap_key(
-                ObjectClass.PRIVATE_KEY, KeyType.RSA, wrapped_wrapping_private, store=False,
-                mechanism=Mechanism.AES_KEY_WRAP_PAD,
+            wrapping_private = partition.unwrap(
+                wrapped_wrapping_private, ObjectClass.PRIVATE_KEY, KeyType.RSA,
                 capabilities=MechanismFlag.UNWRAP | MechanismFlag.DECRYPT,
                 template={**PRIVATE_UNWRAP_FIX, Attribute.SENSITIVE: True,
                           Attribute.EXTRACTABLE: False})
-        except PKCS11Error:
+        except (PKCS11Error, NoDomainKey):
             raise HsmError("cannot unwrap the import wrapping key under this token's "
                            "domain key") from None
         if path == IN_TOKEN and aes_wrap:

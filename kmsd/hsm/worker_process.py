@@ -6,8 +6,10 @@ while the event loop uses it inline. A process has its own C_Initialize and
 its own login (FACTS.md §0.6 -- login state is per application), on the same
 token: SoftHSM2 keeps token objects in files that both processes read, and
 everything kmsd uses at run time is a session object that each process
-unwraps for itself. The domain key is found by its label, exactly as the node
-finds it.
+unwraps for itself. The domain keys are found by their labels, exactly as the
+node finds them; every call carries the node's active domain-key generation,
+so that what the child wraps is wrapped under the generation the replicated
+state names.
 
 What it owns: one `ProcessPoolExecutor(max_workers=1)` with the "spawn" start
 method (a fork would copy the parent's PKCS#11 state), whose initializer
@@ -96,6 +98,12 @@ def _keys() -> AsymmetricKeys:
     return _child_keys
 
 
+def _child_with_generation(generation: int, function: Callable[..., T], *args: Any) -> T:
+    partition = _keys().partition
+    partition.generation_source = lambda: generation
+    return function(*args)
+
+
 def _child_ping() -> int:
     _keys()
     return os.getpid()
@@ -147,6 +155,8 @@ class HsmWorkerProcess:
         self._executor: ProcessPoolExecutor | None = None
         self._warmup: Future[int] | None = None
         self.restarts = 0
+        # The node's active domain-key generation, sent with every call.
+        self.generation_source: Callable[[], int] = lambda: 1
 
     @property
     def token_label(self) -> str:
@@ -219,7 +229,8 @@ class HsmWorkerProcess:
             raise HsmError("the HSM helper process is not running")
         executor = self._executor
         try:
-            return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
+            return await asyncio.get_running_loop().run_in_executor(
+                executor, _child_with_generation, self.generation_source(), function, *args)
         except BrokenProcessPool:
             # The child died (killed, crashed in the token library). This call fails; the next
             # one gets a fresh process with a fresh login.

@@ -66,6 +66,7 @@ class AsymmetricHsm:
             worker = HsmWorkerProcess(WorkerSettings(
                 settings.module_path, settings.token_label, settings.pin,
                 settings.softhsm2_conf, inline.capabilities))
+            worker.generation_source = lambda: partition.active_generation
         return cls(core, AsymmetricRouter(inline, worker))
 
     def start(self) -> None:

@@ -156,7 +156,7 @@ async def decrypt(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]
         core, ctx, "Decrypt", params, params.get("EncryptionContext"), params.get("KeyId"),
         params.get("EncryptionAlgorithm"), params.get("DryRun", False))
     return {"KeyId": record.arn, "Plaintext": plaintext, "EncryptionAlgorithm": SYMMETRIC_DEFAULT,
-            "KeyMaterialId": key_material_id(backing.wrapped)}
+            "KeyMaterialId": key_material_id(backing)}
 
 
 async def re_encrypt(core: ServiceCore, ctx: RequestContext, params: dict[str, Any]) -> dict:
@@ -172,7 +172,7 @@ async def re_encrypt(core: ServiceCore, ctx: RequestContext, params: dict[str, A
             core, ctx, "ReEncryptFrom", params, params.get("SourceEncryptionContext"),
             params.get("SourceKeyId"), source_algorithm)
         source_algorithm = SYMMETRIC_DEFAULT
-        response["SourceKeyMaterialId"] = key_material_id(source_backing.wrapped)
+        response["SourceKeyMaterialId"] = key_material_id(source_backing)
     destination = await core.authorized_key(ctx, "ReEncryptTo", params,
                                             params["DestinationKeyId"])
     context = params.get("DestinationEncryptionContext")
@@ -185,8 +185,7 @@ async def re_encrypt(core: ServiceCore, ctx: RequestContext, params: dict[str, A
         raise DryRunOperationException(DRY_RUN_MESSAGE)
     if algorithm == SYMMETRIC_DEFAULT:
         blob = _seal(core, destination, plaintext, context)
-        response["DestinationKeyMaterialId"] = key_material_id(
-            destination.current_backing_key.wrapped)
+        response["DestinationKeyMaterialId"] = key_material_id(destination.current_backing_key)
     else:
         blob = rsa_encryption.encrypt(destination, algorithm, plaintext)
     return {"CiphertextBlob": blob, "SourceKeyId": source.arn, "KeyId": destination.arn,

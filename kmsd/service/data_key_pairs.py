@@ -39,7 +39,7 @@ async def generate_data_key_pair(core: ServiceCore, ctx: RequestContext, params:
     blob = crypto._seal(core, record, pair.private_key_der, params.get("EncryptionContext"))
     return {"PrivateKeyCiphertextBlob": blob, "PrivateKeyPlaintext": pair.private_key_der,
             "PublicKey": pair.public_key_der, "KeyId": record.arn, "KeyPairSpec": key_pair_spec,
-            "KeyMaterialId": key_material_id(record.current_backing_key.wrapped)}
+            "KeyMaterialId": key_material_id(record.current_backing_key)}
 
 
 async def generate_data_key_pair_without_plaintext(core: ServiceCore, ctx: RequestContext,

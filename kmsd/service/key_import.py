@@ -189,7 +189,7 @@ async def import_key_material(core: ServiceCore, ctx: RequestContext,
     if updated.key_spec != SYMMETRIC_DEFAULT:
         return {"KeyId": updated.arn}
     return {"KeyId": updated.arn,
-            "KeyMaterialId": key_material_id(updated.current_backing_key.wrapped)}
+            "KeyMaterialId": key_material_id(updated.current_backing_key)}
 
 
 async def delete_imported_key_material(core: ServiceCore, ctx: RequestContext,

@@ -89,7 +89,7 @@ def key_metadata(record: KeyRecord, core: ServiceCore | None = None) -> dict[str
             metadata["ValidTo"] = record.valid_to
     if record.key_spec == SYMMETRIC_DEFAULT and record.backing_keys:
         # AWS: present for symmetric encryption keys only (and not before an import).
-        metadata["CurrentKeyMaterialId"] = key_material_id(record.current_backing_key.wrapped)
+        metadata["CurrentKeyMaterialId"] = key_material_id(record.current_backing_key)
     if record.custom_key_store_id is not None:
         metadata["CustomKeyStoreId"] = record.custom_key_store_id
         if core is not None:

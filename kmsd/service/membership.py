@@ -2,8 +2,9 @@
 
 A join is authenticated by a one-time, expiring token that the account root
 asked for (only its SHA-256 is replicated). The member that receives the join
-consumes the token through Raft (so it works once, cluster-wide), wraps the
-domain key for the newcomer's HSM transport key, seals the cluster's Raft
+consumes the token through Raft (so it works once, cluster-wide), wraps every
+domain-key generation in use (active, retiring, and a pending one it holds)
+for the newcomer's HSM transport key, seals the cluster's Raft
 secret under the same transport key, records the newcomer and adds it as a
 voting member through pysyncobj's dynamic membership. Removing the leader
 moves leadership to a caught-up follower first.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster import commands
+from cluster import domain_generations as dg
 from cluster.raft_node import RaftUnavailable
 from kmsd.errors import KMSInternalException, NotFoundException, ValidationException
 from kmsd.hsm import domain_clone
@@ -80,17 +82,22 @@ async def join(core: ServiceCore, raft_secret: str, request: JoinRequest) -> dic
             "it cannot join.")
     await core.commit(commands.ConsumeJoinToken(token_hash(request.token), request.node_id,
                                                 core.clock.now()))
+    live = core.state.generations_in(*dg.LIVE)
     response: dict[str, Any] = {
         "DomainKeyCheck": core.state.domain_key_check,
+        "DomainGenerations": {str(g.generation): g.check for g in live},
         "Peers": sorted({n.raft_address for n in list(core.state.nodes.values())}
                         | {core.raft.settings.self_address}),
         "Regions": list(core.regions), "AccountId": core.account_id,
     }
     if request.transport_point is not None:
-        point, wrapped, sealed = domain_clone.wrap_domain_key_for(
-            core.hsm, request.transport_point, raft_secret.encode())
-        response.update(DonorPoint=point.hex(), WrappedDomainKey=wrapped.hex(),
-                        SealedSecret=sealed.hex())
+        held = core.hsm.held_generations()
+        numbers = [g.generation for g in core.state.generations_in(dg.PENDING, *dg.LIVE)
+                   if held.get(g.generation) == g.check]
+        point, wrapped, sealed = domain_clone.wrap_domain_keys_for(
+            core.hsm, request.transport_point, numbers, raft_secret.encode())
+        response.update(DonorPoint=point.hex(), SealedSecret=sealed.hex(),
+                        WrappedDomainKeys={str(n): w.hex() for n, w in wrapped.items()})
     await core.commit(commands.RegisterNode(request.node_id, request.az, request.raft_address,
                                             request.api_url, request.admin_url))
     try:

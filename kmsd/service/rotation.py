@@ -12,7 +12,7 @@ import hashlib
 from typing import Any
 
 from cluster import commands
-from cluster.state import ROTATION_ON_DEMAND, KeyRecord
+from cluster.state import ROTATION_ON_DEMAND, BackingKey, KeyRecord
 from kmsd.errors import UnsupportedOperationException
 from kmsd.service.context import RequestContext
 from kmsd.service.core import ServiceCore
@@ -22,8 +22,10 @@ DEFAULT_ROTATION_PERIOD_DAYS = 365
 MAX_ON_DEMAND_ROTATIONS = 10
 
 
-def key_material_id(wrapped: bytes) -> str:
-    return hashlib.sha256(wrapped).hexdigest()
+def key_material_id(backing: BackingKey) -> str:
+    """Stable for the life of the material: a domain-key rotation re-wraps it but keeps the id
+    (the SHA-256 of the blob it first had)."""
+    return backing.material_id or hashlib.sha256(backing.wrapped).hexdigest()
 
 
 def _require_rotatable(record: KeyRecord) -> None:
@@ -90,7 +92,7 @@ async def list_key_rotations(core: ServiceCore, ctx: RequestContext,
     for backing in page:
         entry: dict[str, Any] = {
             "KeyId": record.arn,
-            "KeyMaterialId": key_material_id(backing.wrapped),
+            "KeyMaterialId": key_material_id(backing),
             "KeyMaterialState": "CURRENT" if backing.version == current else "NON_CURRENT",
             "RotationDate": backing.created_at,
         }

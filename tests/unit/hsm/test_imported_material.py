@@ -23,11 +23,14 @@ from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kmsd import domain_blob
 from kmsd.hsm import capabilities, key_import
 from kmsd.hsm.asymmetric import AsymmetricKeys, GeneratedKey, verify
 from kmsd.hsm.capabilities import TokenCapabilities
 from kmsd.hsm.imported_material import HMAC_MATERIAL_BYTES, InvalidMaterial
 from kmsd.hsm.partition import HsmAuthenticationFailed, HsmPartition
+from kmsd.hsm.rewrap import rewrap_key
+from tests.unit.hsm.conftest import SoftHsm
 
 _HASH = {"sha1": hashes.SHA1, "sha256": hashes.SHA256}
 CURVES = {"ECC_NIST_P256": ec.SECP256R1(), "ECC_NIST_P384": ec.SECP384R1(),
@@ -220,3 +223,59 @@ def test_damaged_pkcs8_is_refused_or_consistent(hsm_partition: HsmPartition,
     assert imported.public_key is not None
     signature = keys.sign(imported.wrapped, "ECC_NIST_P256", "ECDSA_SHA_256", b"x", "RAW")
     assert verify(imported.public_key, "ECDSA_SHA_256", b"x", "RAW", signature)
+
+
+def test_imported_material_is_wrapped_under_the_active_generation_and_rewraps(
+        softhsm: SoftHsm) -> None:
+    """Every kind of imported material (and the import's wrapping key) is tagged with the
+    domain-key generation it is wrapped under, so a rotation finds it, re-wraps it like a
+    generated key of the same spec (kmsd.hsm.rewrap), and it works once the old generation
+    is destroyed."""
+    hsm = softhsm.open_partition(softhsm.new_token("import-gen"))
+    try:
+        active = [1]
+        hsm.generation_source = lambda: active[0]
+        token_caps = capabilities.probe(hsm)
+        wrapping_key = AsymmetricKeys(hsm, token_caps).generate("RSA_2048")
+        aes, hmac_key = os.urandom(32), os.urandom(64)
+        p256, rsa2048 = ec.generate_private_key(ec.SECP256R1()), rsa.generate_private_key(
+            65537, 2048)
+        materials = {"SYMMETRIC_DEFAULT": aes, "HMAC_256": hmac_key,
+                     "ECC_NIST_P256": pkcs8(p256), "RSA_2048": pkcs8(rsa2048)}
+
+        def import_all() -> dict[str, key_import.ImportedMaterial]:
+            return {spec: do_import(hsm, token_caps, wrapping_key, "RSA_AES_KEY_WRAP_SHA_1",
+                                    material, spec) for spec, material in materials.items()}
+
+        old = import_all()
+        assert {domain_blob.wrap_generation(m.wrapped) for m in old.values()} == {1}
+        hsm.create_domain_key(2)
+        active[0] = 2
+        # Imported while generation 2 is active: tagged with it, and the same material.
+        new = import_all()
+        assert {domain_blob.wrap_generation(m.wrapped) for m in new.values()} == {2}
+        assert {s: m.check_value for s, m in new.items()} == \
+            {s: m.check_value for s, m in old.items()}
+
+        rewrapped = {spec: rewrap_key(hsm, m.wrapped, spec) for spec, m in old.items()}
+        wrapping_key = GeneratedKey("RSA_2048",
+                                    rewrap_key(hsm, wrapping_key.wrapped_private, "RSA_2048"),
+                                    wrapping_key.public_key_der)
+        assert {domain_blob.wrap_generation(b) for b in rewrapped.values()} == {2}
+        assert hsm.destroy_generation(1)
+
+        keys = AsymmetricKeys(hsm, token_caps)  # no handle cached under generation 1
+        nonce = hsm.random(12)
+        for blobs in ({s: m.wrapped for s, m in new.items()}, rewrapped):
+            sealed = hsm.encrypt_gcm(blobs["SYMMETRIC_DEFAULT"], nonce, b"", b"x")
+            assert hsm.decrypt_gcm(new["SYMMETRIC_DEFAULT"].wrapped, nonce, b"", sealed) == b"x"
+            assert keys.generate_mac(blobs["HMAC_256"], "HMAC_256", "HMAC_SHA_256", b"m") == \
+                hmac.new(hmac_key, b"m", "sha256").digest()
+            for spec, algorithm in (("ECC_NIST_P256", "ECDSA_SHA_256"),
+                                    ("RSA_2048", "RSASSA_PSS_SHA_256")):
+                signature = keys.sign(blobs[spec], spec, algorithm, b"m", "RAW")
+                assert verify(new[spec].public_key, algorithm, b"m", "RAW", signature)
+        # The re-wrapped import wrapping key still takes material.
+        assert domain_blob.wrap_generation(import_all()["HMAC_256"].wrapped) == 2
+    finally:
+        hsm.close()

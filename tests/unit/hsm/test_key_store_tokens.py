@@ -4,9 +4,12 @@ node's own token. AWS ConnectionErrorCode names for what goes wrong."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from cluster.state import CustomKeyStoreRecord
+from kmsd import domain_blob
 from kmsd.hsm.partition import HsmError, HsmPartition
 from kmsd.service.key_store_tokens import (
     CLUSTER_NOT_FOUND,
@@ -85,3 +88,42 @@ def test_connection_error_codes(softhsm: SoftHsm, hsm_partition: HsmPartition,
             tokens.connect(moved)
     finally:
         tokens.close_all()
+
+
+def test_a_store_password_opens_under_any_live_generation(
+        softhsm: SoftHsm, store_token: tuple[str, str, str]) -> None:
+    """A domain-key rotation re-seals the store's password (kmsd.service.domain_rotation);
+    the store's own token, and the keys wrapped under its store key, are not touched."""
+    label, pin, check = store_token
+    domain = softhsm.open_partition(softhsm.new_token("store-domain"))
+    tokens = KeyStoreTokens(softhsm.module_path, domain)
+    try:
+        active = [1]
+        domain.generation_source = lambda: active[0]
+        old = _store(domain, label, pin)
+        store_key_blob = tokens.partition(old).generate_wrapped_aes_key()
+        # Bare, like a generation-1 domain blob: which is why the state machine never reads
+        # a store key's blob as a domain blob.
+        assert domain_blob.wrap_generation(store_key_blob) == 1
+        tokens.close(STORE_ID)
+        domain.create_domain_key(2)
+        active[0] = 2
+        new = dataclasses.replace(old, sealed_password=domain.reseal(
+            old.sealed_password, password_aad(STORE_ID)))
+        assert domain_blob.seal_generation(new.sealed_password) == 2
+        # While both generations are live, either seal opens the token.
+        for store in (old, new):
+            assert tokens.connect(store).key_check == check
+            tokens.close(STORE_ID)
+        domain.destroy_generation(1)
+        with pytest.raises(StoreUnreachable):
+            tokens.connect(old)
+        assert tokens.connect(new).key_check == check
+        store_partition = tokens.partition(new)
+        assert store_partition.held_generations() == {1: check}
+        nonce = b"n" * 12
+        sealed = store_partition.encrypt_gcm(store_key_blob, nonce, b"", b"kept")
+        assert store_partition.decrypt_gcm(store_key_blob, nonce, b"", sealed) == b"kept"
+    finally:
+        tokens.close_all()
+        domain.close()
