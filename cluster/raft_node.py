@@ -288,4 +288,12 @@ class RaftNode:
 
     @property
     def has_leader(self) -> bool:
-        return self._syncobj is not None and self._syncobj._getLeader() is not None
+        """A leader is known and reachable: this node, or one it is connected to. A follower
+        keeps naming a dead leader until its election timeout, and longer while it cannot
+        reach a quorum; a command sent there meanwhile only times out."""
+        syncobj = self._syncobj
+        if syncobj is None:
+            return False
+        leader = syncobj._getLeader()
+        return leader is not None and (leader == syncobj.selfNode
+                                       or syncobj.isNodeConnected(leader))

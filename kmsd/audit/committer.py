@@ -72,8 +72,10 @@ class AuditMetrics:
 class AuditCommitter:
     def __init__(self, raft: RaftNode, max_batch: int = 500, timeout: float = 5.0,
                  on_batch: Callable[[int, float], None] = lambda _n, _s: None,
-                 on_failure: Callable[[int], None] = lambda _n: None) -> None:
+                 on_failure: Callable[[int], None] = lambda _n: None,
+                 leader_wait: float = 3.0) -> None:
         self.raft = raft
+        self.leader_wait = leader_wait
         # Hooks for metrics: (batch size, commit seconds) and (records that failed).
         self.on_batch = on_batch
         self.on_failure = on_failure
@@ -85,13 +87,23 @@ class AuditCommitter:
 
     async def commit(self, item: AuditItem) -> ChainedRecord:
         if not self.raft.has_leader:
-            # Cut off from the majority: fail at once rather than after the timeout.
-            raise AuditUnavailable("no Raft leader is reachable")
+            await self._wait_for_leader()
         future: asyncio.Future[ChainedRecord] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
         return await future
+
+    async def _wait_for_leader(self) -> None:
+        # An election is over in about a second: a request on a surviving node waits for
+        # it (the audit commit wait) rather than fail. A node cut off from the majority
+        # still refuses, after `leader_wait` instead of after the whole commit timeout.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.leader_wait
+        while not self.raft.has_leader:
+            if loop.time() >= deadline:
+                raise AuditUnavailable("no Raft leader is reachable")
+            await asyncio.sleep(0.02)
 
     async def _flush(self) -> None:
         try:

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
+from botocore.exceptions import ClientError
+
 from tests.integration.harness import Cluster, wait_for
 
 
@@ -76,3 +83,43 @@ def test_every_node_killed_at_once_restarts_with_every_acknowledged_write(
     assert cluster.client(2).decrypt(CiphertextBlob=blob)["Plaintext"] == b"kept"
     _create_keys(cluster, 1, 1)
 
+
+
+def test_a_decrypt_during_the_election_waits_for_the_new_leader(own_cluster: Cluster) -> None:
+    # The failover rule: crypto on a surviving node continues through the election,
+    # delayed by the audit commit wait, not refused. The election is held open by freezing
+    # the third node, so the request surely arrives while its node knows no leader.
+    cluster = own_cluster
+    key = cluster.client(0, retries=5).create_key()["KeyMetadata"]["KeyId"]
+    blob = cluster.client(0, retries=5).encrypt(KeyId=key, Plaintext=b"e")["CiphertextBlob"]
+    leader = wait_for(lambda: cluster.leader(), 20, what="a leader")
+    asked, frozen = [n for n in range(cluster.size) if n != leader]
+    for node in (asked, frozen):  # the key has reached both
+        wait_for(lambda n=node: cluster.client(n).decrypt(CiphertextBlob=blob), 20,
+                 what="the key on every node")
+    cluster.kill(leader)
+    os.kill(cluster.pid(frozen), signal.SIGSTOP)
+    try:
+        # The survivor still names the dead leader (no quorum to elect another) but is
+        # no longer connected to it.
+        time.sleep(0.5)
+        answer: dict[str, object] = {}
+
+        def decrypt() -> None:
+            started = time.monotonic()
+            try:
+                answer["plaintext"] = cluster.client(asked, retries=1).decrypt(
+                    CiphertextBlob=blob)["Plaintext"]
+            except ClientError as error:
+                answer["error"] = error.response["Error"]["Code"]
+            answer["seconds"] = time.monotonic() - started
+
+        request = threading.Thread(target=decrypt)
+        request.start()
+        time.sleep(0.3)
+    finally:
+        os.kill(cluster.pid(frozen), signal.SIGCONT)
+    request.join(timeout=30)
+    assert answer.get("plaintext") == b"e", answer
+    assert answer["seconds"] >= 0.25  # it waited for the election
+    cluster.restart(leader)
