@@ -2,7 +2,7 @@
 
 Each secret is looked for as raw bytes, as standard base64 (how JSON carries a blob)
 and as hex, in every view `stored_views` gives of a file (as stored, gunzipped, and
-with pickle's latin-1 encoding undone; the harness's function, made faster here).
+with pickle's latin-1 encoding undone; the harness's function).
 Secrets must be at least 32 bytes with some variety (an all-zero "plaintext" would
 match any padding), which the chaos workload's random plaintexts and 32-byte data keys
 are.
@@ -17,29 +17,11 @@ is confirmed with a direct search around it.
 from __future__ import annotations
 
 import base64
-import codecs
-import gzip
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-_ZERO = "kmsd-secret-scan-zero"
-codecs.register_error(_ZERO, lambda error: ("\x00" * (error.end - error.start), error.end))
-
-
-def stored_views(path: str) -> list[bytes]:
-    """Exactly tests.integration.harness.stored_views (raw, gunzipped, pickle's latin-1
-    text undone with every character above U+00FF as a zero byte), with the last view
-    made by a codec error handler instead of a per-character generator: ten times faster
-    on the tens of megabytes a chaos run leaves (test_chaos checks they agree)."""
-    with open(path, "rb") as handle:
-        raw = handle.read()
-    views = [raw]
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-        views.append(raw)
-    views.append(raw.decode("utf-8", "replace").encode("latin-1", _ZERO))
-    return views
+from tests.integration.harness import stored_views
 
 WINDOW = 16
 MIN_SECRET = 32
