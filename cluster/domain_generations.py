@@ -59,6 +59,14 @@ CUSTOM_KEY_STORE_PASSWORD = "keystore"
 _SEALED_KINDS = (ACCESS_KEY_SECRET, CUSTOM_KEY_STORE_PASSWORD)
 
 
+# Kinds whose blob is one field of one record in a table of the state: (table, field).
+_RECORD_FIELDS = {
+    IMPORT_WRAPPING_KEY: ("import_parameters", "wrapped_private"),
+    ACCESS_KEY_SECRET: ("access_keys", "wrapped_secret"),
+    CUSTOM_KEY_STORE_PASSWORD: ("custom_key_stores", "sealed_password"),
+}
+
+
 @dataclass(frozen=True)
 class DomainGeneration:
     generation: int
@@ -264,26 +272,15 @@ class DomainGenerationsMixin:
                         record, backing_keys=tuple(backings))
                     return True
             return False
-        if kind == IMPORT_WRAPPING_KEY and len(rest) == 1:
-            parameters = state.import_parameters.get(rest[0])
-            if parameters is None or parameters.wrapped_private != old:
+        if kind in _RECORD_FIELDS and len(rest) == 1:
+            # For a store password this is not UpdateCustomKeyStore: the same password,
+            # sealed anew, whatever the store's connection state.
+            table_name, field_name = _RECORD_FIELDS[kind]
+            table = getattr(state, table_name)
+            holder = table.get(rest[0])
+            if holder is None or getattr(holder, field_name) != old:
                 return False
-            state.import_parameters[rest[0]] = dataclasses.replace(parameters,
-                                                                   wrapped_private=new)
-            return True
-        if kind == ACCESS_KEY_SECRET and len(rest) == 1:
-            access_key = state.access_keys.get(rest[0])
-            if access_key is None or access_key.wrapped_secret != old:
-                return False
-            state.access_keys[rest[0]] = dataclasses.replace(access_key, wrapped_secret=new)
-            return True
-        if kind == CUSTOM_KEY_STORE_PASSWORD and len(rest) == 1:
-            # Not UpdateCustomKeyStore: the same password, sealed anew, whatever the store's
-            # connection state.
-            store = state.custom_key_stores.get(rest[0])
-            if store is None or store.sealed_password != old:
-                return False
-            state.custom_key_stores[rest[0]] = dataclasses.replace(store, sealed_password=new)
+            table[rest[0]] = dataclasses.replace(holder, **{field_name: new})
             return True
         if kind == AUDIT_SIGNING_KEY and not rest:
             signing = state.audit_signing_key
