@@ -16,7 +16,7 @@ import pytest
 
 from kmsd.config import load as load_config
 from tests.integration.harness import Cluster, start_cluster, stored_views, wait_for
-from tests.integration.test_membership import _kmsd, _new_node
+from tests.integration.test_membership import _kmsd, _new_node, adopt
 
 _LIST_TOKEN = """
 import json, os, sys
@@ -305,10 +305,7 @@ def test_rotation_waits_for_a_member_that_is_down_and_survives_a_leader_change(
     joined = _kmsd("join", "--config", node4.config_path, "--token", token,
                    "--via", cluster.info["admin_endpoints"][other])
     assert joined.returncode == 0, joined.stderr
-    cluster.info["endpoints"].append(node4.endpoint)
-    cluster.info["admin_endpoints"].append(node4.admin_endpoint)
-    cluster.info["configs"].append(node4.config_path)
-    cluster.info["pids"].append(0)
+    adopt(cluster, node4)
     cluster.restart(3)
     assert cluster.client(3).decrypt(CiphertextBlob=ciphertext)["Plaintext"] == b"kept"
     assert [label for label in token_labels(cluster, 3) if label.startswith("kmsd-")] == \

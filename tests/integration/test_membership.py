@@ -29,6 +29,14 @@ def _new_node(cluster: Cluster, index: int) -> DevNode:
     return node
 
 
+def adopt(cluster: Cluster, node: DevNode) -> None:
+    """Have the harness address a node that joined (started with cluster.restart)."""
+    cluster.info["endpoints"].append(node.endpoint)
+    cluster.info["admin_endpoints"].append(node.admin_endpoint)
+    cluster.info["configs"].append(node.config_path)
+    cluster.info["pids"].append(0)
+
+
 def _kmsd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "kmsd.cli", *args], capture_output=True,
                           text=True, timeout=120)
@@ -55,10 +63,7 @@ def test_a_fourth_node_joins_serves_and_a_member_is_removed(
         again = _kmsd("join", "--config", node4.config_path, "--token", token,
                       "--via", cluster.info["admin_endpoints"][0])
         assert again.returncode != 0
-        cluster.info["endpoints"].append(node4.endpoint)
-        cluster.info["admin_endpoints"].append(node4.admin_endpoint)
-        cluster.info["configs"].append(node4.config_path)
-        cluster.info["pids"].append(0)
+        adopt(cluster, node4)
         cluster.restart(3)
         assert cluster.client(3).decrypt(CiphertextBlob=blob)["Plaintext"] == b"grow"
         made_on_4 = cluster.client(3).create_key()["KeyMetadata"]["KeyId"]
