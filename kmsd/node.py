@@ -376,9 +376,8 @@ class Node:
         for app, listen in ((self.api_app(), self.config.api_listen),
                             (make_admin_app(self.authenticator, self.core, self.status,
                                             self.audit_sink, self.digest_signer,
-                                            self._raft_password, self.config.node_id,
-                                            self.domain_rotator, self.peers,
-                                            self._peer_ssl_context()),
+                                            self._raft_password,
+                                            self.domain_rotator, self.peers),
                              self.config.admin_listen)):
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()

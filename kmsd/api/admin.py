@@ -29,19 +29,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import ssl
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from cluster.raft_node import RaftUnavailable
 from kmsd.api.admin_audit import add_audit_routes
 from kmsd.api.admin_domain import add_domain_routes
 from kmsd.api.protocol import Authenticator, error_response, json_response
-from kmsd.audit.backfill import PEER_HEADER, peer_key, sign_peer_request, verify_peer_request
+from kmsd.audit.backfill import PEER_HEADER, peer_key, verify_peer_request
 from kmsd.audit.digest_signer import DigestSigner
 from kmsd.audit.sink import SegmentSink
 from kmsd.errors import (
@@ -63,20 +61,9 @@ _CALLER = web.AppKey("caller", Caller)
 
 def make_admin_app(authenticator: Authenticator, core: ServiceCore,
                    node_status: StatusSource, audit_sink: SegmentSink,
-                   digest_signer: DigestSigner, raft_secret: str, node_id: str,
-                   domain_rotator: DomainRotator, peers: PeerClient,
-                   peer_ssl_context: ssl.SSLContext | None = None) -> web.Application:
+                   digest_signer: DigestSigner, raft_secret: str,
+                   domain_rotator: DomainRotator, peers: PeerClient) -> web.Application:
     peer_key_bytes = peer_key(raft_secret)
-    transfer_path = "/v1/internal/raft/transfer-leadership"
-
-    async def ask_to_step_down(admin_url: str) -> None:
-        headers = {PEER_HEADER: sign_peer_request(peer_key_bytes, node_id, "POST",
-                                                  transfer_path)}
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session, \
-                session.post(admin_url.rstrip("/") + transfer_path, headers=headers,
-                             ssl=peer_ssl_context or True) as response:
-            if response.status != 200:
-                raise ValueError(f"the leader answered HTTP {response.status}")
 
     @web.middleware
     async def authenticate(request: web.Request,
@@ -185,14 +172,15 @@ def make_admin_app(authenticator: Authenticator, core: ServiceCore,
         root_only(request)
         body = await body_json(request)
         await membership.remove(core, str(body.get("NodeId", "")) if isinstance(body, dict)
-                                else "", ask_to_step_down)
+                                else "", peers)
         return respond({})
 
     async def transfer_leadership(_request: web.Request) -> web.Response:
         if not core.raft.is_leader:
             raise ValidationException("This member is not the Raft leader.")
         try:
-            leader = await core.raft.transfer_leadership(timeout=15)
+            leader = await core.raft.transfer_leadership(
+                timeout=membership.TRANSFER_WAIT_SECONDS)
         except RaftUnavailable as exc:
             raise KMSInternalException(f"Leadership could not be handed over: {exc}") from None
         return respond({"Leader": leader})
@@ -207,7 +195,7 @@ def make_admin_app(authenticator: Authenticator, core: ServiceCore,
     app.router.add_post("/v1/cluster/join-tokens", join_token)
     app.router.add_post("/v1/cluster/join", join)
     app.router.add_post("/v1/cluster/remove", remove)
-    app.router.add_post(transfer_path, transfer_leadership)
+    app.router.add_post(membership.TRANSFER_LEADERSHIP_PATH, transfer_leadership)
     app.router.add_get("/v1/node/status", status)
     app.router.add_get("/v1/hsm/capabilities", hsm_capabilities)
     app.router.add_get("/v1/cluster/members", cluster_members)

@@ -99,7 +99,8 @@ class PeerClient:
     ssl_context: ssl.SSLContext | None = None
 
     async def call(self, admin_url: str, method: str, path: str,
-                   body: dict[str, Any] | None = None) -> dict[str, Any]:
+                   body: dict[str, Any] | None = None,
+                   timeout: float = PEER_TIMEOUT_SECONDS) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else b""
         if data:
             path += ("&" if "?" in path else "?") + "body_sha256=" + hashlib.sha256(
@@ -110,7 +111,7 @@ class PeerClient:
                      "Content-Type": "application/json"})
 
         def send() -> dict[str, Any]:
-            with urllib.request.urlopen(request, timeout=PEER_TIMEOUT_SECONDS,
+            with urllib.request.urlopen(request, timeout=timeout,
                                         context=self.ssl_context) as response:
                 return json.loads(response.read())
 

@@ -16,7 +16,6 @@ import asyncio
 import hashlib
 import re
 import secrets
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +25,12 @@ from cluster.raft_node import RaftUnavailable
 from kmsd.errors import KMSInternalException, NotFoundException, ValidationException
 from kmsd.hsm import domain_clone
 from kmsd.service.core import ServiceCore
+from kmsd.service.domain_rotation import PeerClient, PeerError
 
 DEFAULT_TOKEN_TTL_SECONDS = 3600
+# Member to member: the leader hands its role to a follower (kmsd/api/admin.py).
+TRANSFER_LEADERSHIP_PATH = "/v1/internal/raft/transfer-leadership"
+TRANSFER_WAIT_SECONDS = 15.0
 _ADDRESS = re.compile(r"^[A-Za-z0-9.-]+:\d{1,5}$")
 _NODE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -107,21 +110,21 @@ async def join(core: ServiceCore, raft_secret: str, request: JoinRequest) -> dic
     return response
 
 
-async def remove(core: ServiceCore, node_id: str,
-                 ask_to_step_down: Callable[[str], Awaitable[None]]) -> None:
+async def remove(core: ServiceCore, node_id: str, peers: PeerClient) -> None:
     """Remove a member. pysyncobj's leader cannot remove itself, so when the member is the
     leader its role moves to a caught-up follower first: here if this node leads, else
-    through `ask_to_step_down(admin_url)` on the leader's peer route."""
+    through the leader's peer route (TRANSFER_LEADERSHIP_PATH)."""
     member = core.state.nodes.get(node_id)
     if member is None:
         raise NotFoundException(f"No member named {node_id}.")
     if core.raft.status().get("leader") == member.raft_address:
         try:
             if core.raft.is_leader:
-                await core.raft.transfer_leadership(timeout=15)
+                await core.raft.transfer_leadership(timeout=TRANSFER_WAIT_SECONDS)
             else:
-                await ask_to_step_down(member.admin_url)
-        except (RaftUnavailable, OSError, ValueError) as exc:
+                await peers.call(member.admin_url, "POST", TRANSFER_LEADERSHIP_PATH,
+                                 timeout=TRANSFER_WAIT_SECONDS + 5)
+        except (RaftUnavailable, PeerError) as exc:
             raise KMSInternalException(
                 f"{node_id} is the Raft leader and could not hand leadership over: "
                 f"{exc}") from None
