@@ -43,6 +43,7 @@ from cluster.state import ApplyResult, KmsState
 from cluster.syncobj_guard import GuardedSyncObj
 
 AppliedListener = Callable[[commands.Command, ApplyResult], None]
+PackedListener = Callable[[bytes, commands.Command, ApplyResult], None]
 
 _FAIL_NAMES = {value: name for name, value in vars(FAIL_REASON).items() if name.isupper()}
 
@@ -67,6 +68,10 @@ class _ReplicatedKmsState(SyncObjConsumer):
         super().__init__()
         self._kms_state = state
         self._listener = listener
+        # Copies of the state outside this process (API workers) follow these two, on the
+        # tick thread: each applied entry as logged, and every snapshot installed.
+        self.packed_listener: PackedListener | None = None
+        self.restored_listener: Callable[[], None] | None = None
 
     @replicated
     def apply_command(self, packed: bytes) -> ApplyResult | None:
@@ -77,6 +82,8 @@ class _ReplicatedKmsState(SyncObjConsumer):
             return None
         result = self._kms_state.apply(command)
         self._listener(command, result)
+        if self.packed_listener is not None:
+            self.packed_listener(packed, command, result)
         return result
 
     def _serialize(self) -> _SnapshotWhenPickled:
@@ -86,6 +93,8 @@ class _ReplicatedKmsState(SyncObjConsumer):
 
     def _deserialize(self, data: bytes) -> None:
         self._kms_state.restore_snapshot(data)
+        if self.restored_listener is not None:
+            self.restored_listener()
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,16 @@ class RaftNode:
     def _run_tick_jobs(self) -> None:
         while self._tick_jobs:
             self._tick_jobs.popleft()()
+
+    def call_on_tick(self, job: Callable[[], None]) -> None:
+        """Run `job` on the tick thread between two ticks: no entry is applied meanwhile."""
+        self._tick_jobs.append(job)
+
+    def follow(self, on_packed: PackedListener, on_restored: Callable[[], None]) -> None:
+        """Hear every applied entry (as logged) and every installed snapshot, on the tick
+        thread: what a copy of the state elsewhere needs to stay equal to this one."""
+        self._consumer.packed_listener = on_packed
+        self._consumer.restored_listener = on_restored
 
     async def _call(self, invoke: Callable[[Callable[[Any, int], None]], None],
                     timeout: float | None, what: str, needs_result: bool) -> Any:

@@ -309,13 +309,27 @@ class KmsState(dg.DomainGenerationsMixin):
             records = self.audit.append(entries)
         except CanonicalEncodingError as exc:
             raise _Refuse("KMSInternalException", f"unfit audit batch: {exc}") from None
-        for record, (_e, _n, _d, usage) in zip(records, cmd.entries, strict=True):
-            if usage and not record.revoked:
+        self._note_usage(cmd, [record.revoked for record in records])
+        return records
+
+    def _note_usage(self, cmd: c.AppendAudit, revoked: list[bool]) -> None:
+        for is_revoked, (_e, _n, _d, usage) in zip(revoked, cmd.entries, strict=True):
+            if usage and not is_revoked:
                 key_id, operation, event_time, event_id, request_id = usage
                 self.key_usage[key_id] = KeyUsage(operation, event_time, event_id, request_id)
                 if self.usage_tracking_start is None:
                     self.usage_tracking_start = event_time
-        return records
+
+    def apply_audit_usage_only(self, cmd: c.AppendAudit) -> None:
+        """What an AppendAudit changes besides the chain: the keys' last use. For a read-only
+        copy of the state (an API worker process), which never reads the chain and need not
+        pay for hashing it; the primary's replica applies the whole command."""
+        self.applied_count += 1
+        revoked = []
+        for _event, _node, decisions, _usage in cmd.entries:
+            revoked.append(any((record := self.keys.get(key_id)) is None
+                               or record.epoch != epoch for key_id, epoch in decisions))
+        self._note_usage(cmd, revoked)
 
     def _apply_RegisterNode(self, cmd: c.RegisterNode) -> None:
         self.nodes[cmd.node_id] = NodeRecord(cmd.node_id, cmd.az, cmd.raft_address,

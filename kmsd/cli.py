@@ -29,7 +29,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = config_module.load(args.config)
     log_setup.configure(cfg.node_id)
-    asyncio.run(serve(cfg))
+    asyncio.run(serve(cfg, args.config))
+    return 0
+
+
+def _cmd_api_worker(args: argparse.Namespace) -> int:
+    from kmsd.api_workers.worker import serve_worker
+
+    cfg = config_module.load(args.config)
+    log_setup.configure(cfg.node_id)
+    asyncio.run(serve_worker(cfg, args.fd, args.index))
     return 0
 
 
@@ -43,7 +52,7 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         secret_access_key=args.secret_access_key, scheduler_interval=args.scheduler_interval,
         test_clock=args.test_clock, tls=args.tls,
         compaction_min_entries=args.compaction_entries,
-        key_store_tokens=tuple(args.key_store_token)))
+        key_store_tokens=tuple(args.key_store_token), api_workers=args.api_workers))
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -161,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True)
     serve.set_defaults(func=_cmd_serve)
 
+    worker = sub.add_parser("api-worker", help="(started by kmsd serve) one API worker process")
+    worker.add_argument("--config", required=True)
+    worker.add_argument("--fd", type=int, required=True)
+    worker.add_argument("--index", type=int, required=True)
+    worker.set_defaults(func=_cmd_api_worker)
+
     init = sub.add_parser("init", help="create the domain key (if absent) and a root access key;"
                                        " prints the access key once")
     init.add_argument("--config", required=True)
@@ -195,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--key-store-token", action="append", default=[], metavar="LABEL",
                      help="provision a custom key store token with this label (its "
                           "CloudHsmClusterId, e.g. cluster-kmsdstore1a) on every node")
+    dev.add_argument("--api-workers", type=int, default=0, metavar="N",
+                     help="API worker processes per node besides its primary, sharing its "
+                          "API port")
     dev.add_argument("--tls", action="store_true",
                      help="HTTPS on every port with a private CA (its path: ca_bundle)")
     dev.add_argument("--test-clock", action="store_true",

@@ -12,6 +12,7 @@ Example:
     listen = "127.0.0.1:7700"          # the AWS KMS API
     admin_listen = "127.0.0.1:7800"    # kmsctl's admin API
     public_url = "http://127.0.0.1:7700"   # optional; how peers and clients reach this node
+    workers = 1                        # optional: API worker processes besides the primary
     tls_certificate = "/etc/kmsd/tls.pem"  # optional: serve HTTPS on both ports
     tls_key = "/etc/kmsd/tls-key.pem"
     tls_ca = "/etc/kmsd/ca.pem"            # optional: the CA of the members' certificates
@@ -161,6 +162,8 @@ class NodeConfig:
     tls_ca: str | None = None
     # Hardware tokens without in-token RSA-OAEP-SHA256: decode OAEP on the host for imports.
     allow_host_oaep_decoding: bool = False
+    # API worker processes beside the primary, sharing the API port (kmsd.api_workers).
+    api_workers: int = 0
 
     @property
     def default_region(self) -> str:
@@ -225,4 +228,11 @@ def parse(raw: dict) -> NodeConfig:
         tls_certificate=api.get("tls_certificate"),
         tls_key=api.get("tls_key"),
         tls_ca=api.get("tls_ca"),
+        api_workers=_api_workers(api.get("workers", 0)),
     )
+
+
+def _api_workers(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
+        raise ConfigError(f"api.workers must be a whole number from 0 to 64, got {value!r}")
+    return value

@@ -27,17 +27,15 @@ from aiohttp import web
 from cluster import commands
 from cluster.raft_node import RaftNode, RaftSettings, RaftUnavailable
 from cluster.state import (
-    STORE_CONNECTED,
     Applied,
-    KeyRecord,
     KmsState,
-    MaterialDeleted,
     Rejected,
 )
 from kmsd import bootstrap, domain_blob, sd_notify
 from kmsd.api.admin import make_admin_app
 from kmsd.api.protocol import MAX_BODY_BYTES, Authenticator, KmsProtocol
 from kmsd.api.validation import RequestValidator
+from kmsd.api_workers.hub import FencedRaft, WorkerHub, worker_command
 from kmsd.audit.backfill import Backfiller, peer_key
 from kmsd.audit.committer import AuditCommitter
 from kmsd.audit.digest_signer import DigestSigner
@@ -51,6 +49,7 @@ from kmsd.hsm.partition import HsmAuthenticationFailed, HsmError, HsmPartition
 from kmsd.hsm.worker_process import WorkerSettings
 from kmsd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kmsd.metrics import NodeFacts, NodeMetrics
+from kmsd.replica_effects import ReplicaEffects
 from kmsd.service import domain_members, principals
 from kmsd.service.asymmetric_hsm import AsymmetricHsm
 from kmsd.service.core import ServiceCore
@@ -81,7 +80,8 @@ def membership_peers(config: NodeConfig) -> tuple[str, ...]:
 
 
 class Node:
-    def __init__(self, config: NodeConfig, clock: Clock | None = None) -> None:
+    def __init__(self, config: NodeConfig, clock: Clock | None = None,
+                 worker_command: list[str] | None = None) -> None:
         self.config = config
         self.clock = clock or (OffsetClock(config.clock_offset_file)
                                if config.clock_offset_file else SystemClock())
@@ -109,6 +109,7 @@ class Node:
             config.hsm_module, config.token_label, config.pin.read("HSM PIN"),
             config.softhsm2_conf))
         self.core.allow_host_oaep_decoding = config.allow_host_oaep_decoding
+        self.effects = ReplicaEffects(self.core, self.hsm, self.asymmetric)
         self.credentials = CredentialStore(self.state, self.hsm)
         self.authenticator = Authenticator(
             # SigV4 checks skew against real time, never the (test-adjustable) proposer clock.
@@ -134,10 +135,17 @@ class Node:
         self.protocol = KmsProtocol(self.core, self.authenticator, RequestValidator(),
                                     self.not_ready_reason, self.audit, config.node_id,
                                     self.metrics.observe_request)
+        self.workers: WorkerHub | None = None
+        if config.api_workers and worker_command:
+            self.workers = WorkerHub(
+                config.api_workers, worker_command, self.raft, self.state, self.audit,
+                self._worker_status, self.metrics.render, self.readiness,
+                self.metrics.observe_request)
+            # Writes are answered once every worker applied them (kmsd.api_workers.hub).
+            self.core.raft = FencedRaft(self.raft, self.workers)  # type: ignore[assignment]
         self._not_ready = "The node is starting."
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._background: set[asyncio.Future[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _on_applied(self, command: commands.Command, result: object) -> None:
@@ -145,52 +153,9 @@ class Node:
         if isinstance(command, commands.AppendAudit) and isinstance(result, Applied):
             self.audit_sink.put(result.value)
             return
-        if (isinstance(command, commands.DeleteKey) and isinstance(result, Applied)
-                and isinstance(result.value, KeyRecord) and self._loop is not None):
-            removed = [b.wrapped for b in result.value.backing_keys]
-            # Handles belong to the event loop's thread; the journal is compacted so the
-            # deleted material leaves the disk.
-            self._loop.call_soon_threadsafe(self._forget_key, removed)
+        if self.effects.applied(command, result) and isinstance(command, commands.DeleteKey):
+            # The journal is compacted so the deleted material leaves the disk.
             self.raft.force_compaction()
-            return
-        if (isinstance(command, (commands.SetCustomKeyStoreConnection,
-                                 commands.UpdateCustomKeyStore, commands.DeleteCustomKeyStore))
-                and isinstance(result, Applied) and self._loop is not None):
-            store = result.value
-            if (not isinstance(command, commands.SetCustomKeyStoreConnection)
-                    or store.connection_state != STORE_CONNECTED):
-                # Disconnected, changed or deleted: every node ends its session with the
-                # store's token at this log position (reopened with the new settings on use).
-                self._loop.call_soon_threadsafe(self.core.key_stores.close, store.store_id)
-            return
-        if (isinstance(command, commands.DeleteImportedKeyMaterial)
-                and isinstance(result, Applied) and isinstance(result.value, MaterialDeleted)
-                and self._loop is not None):
-            # Every node, not only the one that served the request (or ran the expiry),
-            # forgets the deleted material at this log position.
-            self._loop.call_soon_threadsafe(self._forget_material, result.value.removed)
-
-    def _forget_key(self, removed: list[bytes]) -> None:
-        """On the event loop: drop the handles of a deleted key's material (the node's token
-        or its custom key store's)."""
-        for wrapped in removed:
-            self.hsm.evict(wrapped)
-            self.core.key_stores.evict(wrapped)
-
-    def _forget_material(self, removed: tuple[bytes, ...]) -> None:
-        """On the event loop: drop this node's HSM handles for material the cluster deleted."""
-        for wrapped in removed:
-            self.hsm.evict(wrapped)
-        task = asyncio.ensure_future(self._forget_asymmetric(removed))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _forget_asymmetric(self, removed: tuple[bytes, ...]) -> None:
-        try:
-            await self.asymmetric.router.evict(removed)
-        except HsmError as error:
-            # The helper process is gone or restarting: its handles went with it.
-            log.warning("forget_material_failed", error=type(error).__name__)
 
     def cached_handles(self) -> int:
         """Unwrapped keys this node holds as HSM session objects (on the event loop's side)."""
@@ -200,6 +165,21 @@ class Node:
 
     def not_ready_reason(self) -> str | None:
         return self._not_ready
+
+    def readiness(self) -> tuple[int, dict[str, Any]]:
+        """/readyz: in a quorum (knows a leader), domain key verified, and caught up."""
+        raft = self.raft.status()
+        lag = max(0, (raft.get("leader_commit_index") or 0) - (raft.get("applied_index") or 0))
+        reason = self._not_ready
+        if reason is None and not self.raft.has_leader:
+            reason = "No Raft leader is reachable."
+        if reason is None and lag > READY_MAX_LAG_ENTRIES:
+            reason = f"Applying the log: {lag} entries behind."
+        return (200 if reason is None else 503), {"ready": reason is None, "reason": reason,
+                                                  "lag": lag}
+
+    def _worker_status(self) -> dict[str, Any]:
+        return {"not_ready": self._not_ready, "has_leader": self.raft.has_leader}
 
     async def _bootstrap(self) -> None:
         while True:
@@ -336,6 +316,8 @@ class Node:
                       "segment_gap": self.audit_sink.gap,
                       "commits": self.audit.metrics.as_dict()},
             "keys": len(self.state.keys),
+            "api_workers": {"configured": self.config.api_workers,
+                            "pids": self.workers.pids if self.workers else []},
         }
 
     # -- HTTP ----------------------------------------------------------------
@@ -347,17 +329,8 @@ class Node:
             return web.json_response({"alive": True})
 
         async def readyz(_request: web.Request) -> web.Response:
-            # Ready: in a quorum (knows a leader), domain key verified, and caught up.
-            raft = self.raft.status()
-            lag = max(0, (raft.get("leader_commit_index") or 0)
-                      - (raft.get("applied_index") or 0))
-            reason = self._not_ready
-            if reason is None and not self.raft.has_leader:
-                reason = "No Raft leader is reachable."
-            if reason is None and lag > READY_MAX_LAG_ENTRIES:
-                reason = f"Applying the log: {lag} entries behind."
-            return web.json_response({"ready": reason is None, "reason": reason, "lag": lag},
-                                     status=200 if reason is None else 503)
+            status, body = self.readiness()
+            return web.json_response(body, status=status)
 
         async def metrics(_request: web.Request) -> web.Response:
             return web.Response(body=self.metrics.render(),
@@ -371,9 +344,14 @@ class Node:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.effects.loop = self._loop
         self.asymmetric.start()
         self.raft.start()
-        for app, listen in ((self.api_app(), self.config.api_listen),
+        # With API workers the primary leaves the API port to them: it keeps its CPU for
+        # what only it does (Raft, the audit chain and its files, the admin API), which
+        # every worker's requests wait on.
+        sites = [] if self.workers is not None else [(self.api_app(), self.config.api_listen)]
+        for app, listen in (*sites,
                             (make_admin_app(self.authenticator, self.core, self.status,
                                             self.audit_sink, self.digest_signer,
                                             self._raft_password,
@@ -387,6 +365,8 @@ class Node:
                        if self.config.tls_certificate and self.config.tls_key else None)
             await web.TCPSite(runner, host, int(port), ssl_context=context).start()
             self._runners.append(runner)
+        if self.workers is not None:
+            await self.workers.start()
         self._tasks = [asyncio.create_task(self._bootstrap()),
                        asyncio.create_task(KeyScheduler(
                            self.core, self.config.scheduler_interval_seconds).run()),
@@ -407,6 +387,8 @@ class Node:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.workers is not None:
+            await self.workers.stop()
         for runner in self._runners:
             await runner.cleanup()
         self.raft.stop()
@@ -417,8 +399,8 @@ class Node:
         log.info("node_stopped")
 
 
-async def serve(config: NodeConfig) -> None:
-    node = Node(config)
+async def serve(config: NodeConfig, config_path: str | None = None) -> None:
+    node = Node(config, worker_command=worker_command(config_path) if config_path else None)
     await node.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

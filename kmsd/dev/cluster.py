@@ -63,6 +63,8 @@ class DevClusterOptions:
     # Labels of custom key store tokens to provision on every node (each with the same store
     # key and the same PIN, printed in the summary as the KeyStorePassword).
     key_store_tokens: tuple[str, ...] = ()
+    # API worker processes per node besides its primary (kmsd.api_workers).
+    api_workers: int = 0
 
 
 @dataclass
@@ -155,6 +157,7 @@ scheduler_interval_seconds = {options.scheduler_interval}
 [api]
 listen = "127.0.0.1:{node.api_port}"
 admin_listen = "127.0.0.1:{node.admin_port}"
+workers = {options.api_workers}
 {tls_lines}
 [raft]
 address = "{node.raft_address}"

@@ -1,0 +1,1 @@
+"""API worker processes: a node serving the KMS API from more than one process."""

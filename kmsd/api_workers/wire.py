@@ -1,0 +1,55 @@
+"""Frames between a node's primary process and its API workers, over a socketpair.
+
+A frame is a 4-byte big-endian length, one byte naming its kind, and the body.
+The socketpair is made by the primary and inherited by the worker it spawns,
+so nothing else on the machine can reach either end.
+
+Primary → worker:
+- `SNAPSHOT`  msgpack [state snapshot, status]: the state as of the frame; the
+  `APPLY` frames that follow continue from there;
+- `APPLY`     a command exactly as the Raft log holds it, applied by the primary;
+- `STATUS`    msgpack status: {"not_ready": str | None, "has_leader": bool};
+- `FENCE`     msgpack id: answer with `FENCED` once everything before is applied;
+- `REPLY`     pickle (call id, ok, value): the answer to a `CALL`. Pickle goes
+  only this way, from the process that spawned the reader.
+
+Worker → primary (msgpack only; the primary never unpickles what a worker sends):
+- `CALL`      [call id, name, args];
+- `FENCED`    id;
+- `OBSERVED`  [[operation, outcome, seconds], ...]: answered requests, for metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+SNAPSHOT = b"S"
+APPLY = b"A"
+STATUS = b"T"
+FENCE = b"F"
+REPLY = b"R"
+CALL = b"C"
+FENCED = b"f"
+OBSERVED = b"O"
+
+_LENGTH = struct.Struct(">I")
+# A state snapshot of 100k keys is tens of MiB; anything past this is a broken peer.
+MAX_FRAME_BYTES = 1 << 30
+
+
+class FrameError(Exception):
+    """The other end sent something that is not a frame."""
+
+
+def frame(kind: bytes, body: bytes) -> bytes:
+    return _LENGTH.pack(len(body) + 1) + kind + body
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """The next (kind, body); IncompleteReadError at the end of the stream."""
+    (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+    if not 1 <= length <= MAX_FRAME_BYTES:
+        raise FrameError(f"frame of {length} bytes")
+    data = await reader.readexactly(length)
+    return data[:1], data[1:]

@@ -1,0 +1,323 @@
+"""An API worker process: serves the KMS API on the node's port from a copy of the state.
+
+It has what a request needs and nothing else: its own PKCS#11 login to the
+node's token (and its own helper process for slow asymmetric calls), a copy of
+the replicated state fed by the primary (kmsd.api_workers.hub), and the same
+protocol and service code as the primary. What must go through Raft -- audit
+records, the rare write, a catch-up barrier -- it asks the primary to commit.
+It exits when the primary goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import structlog
+from aiohttp import web
+
+from cluster import commands
+from cluster.raft_node import RaftUnavailable
+from cluster.state import ApplyResult, KmsState
+from kmsd.api.protocol import MAX_BODY_BYTES, Authenticator, KmsProtocol
+from kmsd.api.validation import RequestValidator
+from kmsd.api_workers import wire
+from kmsd.audit.chain import ChainedRecord
+from kmsd.audit.committer import AuditItem, AuditUnavailable
+from kmsd.auth.credentials import CredentialStore
+from kmsd.auth.sigv4 import SigV4Verifier
+from kmsd.clock import Clock, OffsetClock, SystemClock
+from kmsd.config import NodeConfig
+from kmsd.hsm.partition import HsmError, HsmPartition
+from kmsd.hsm.worker_process import WorkerSettings
+from kmsd.replica_effects import ReplicaEffects
+from kmsd.service.asymmetric_hsm import AsymmetricHsm
+from kmsd.service.core import ServiceCore
+from kmsd.tls import CertificatePaths, server_context
+
+log = structlog.get_logger("kmsd.api_worker")
+
+# Answered requests are reported to the primary (for /metrics) this often.
+OBSERVE_INTERVAL_SECONDS = 0.5
+
+
+class PrimaryLink:
+    """This worker's end of the socketpair: applies the state feed in order, and turns calls
+    into awaitable replies."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 state: KmsState, on_applied: Callable[[commands.Command, ApplyResult], None]
+                 ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.state = state
+        self.on_applied = on_applied
+        self.status: dict[str, Any] = {"not_ready": "The worker is starting.",
+                                       "has_leader": False}
+        self.synced = asyncio.Event()
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._call_ids = 0
+        self._observed: list[tuple[str, str, float]] = []
+
+    async def run(self) -> None:
+        """Read the primary's frames until it goes away."""
+        try:
+            while True:
+                kind, body = await wire.read_frame(self.reader)
+                self._handle(kind, body)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            for future in self._calls.values():
+                if not future.done():
+                    future.set_exception(RaftUnavailable("the node's primary process is gone"))
+
+    def _handle(self, kind: bytes, body: bytes) -> None:
+        if kind == wire.APPLY:
+            command = commands.decode(body)
+            if isinstance(command, commands.AppendAudit):
+                # The chain itself is the primary's: hashing it here would only cost CPU.
+                self.state.apply_audit_usage_only(command)
+            else:
+                self.on_applied(command, self.state.apply(command))
+        elif kind == wire.REPLY:
+            call_id, ok, value = pickle.loads(body)  # from the process that spawned us
+            future = self._calls.pop(call_id, None)
+            if future is not None and not future.done():
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(_call_error(value))
+        elif kind == wire.FENCE:
+            self.writer.write(wire.frame(wire.FENCED, body))
+        elif kind == wire.STATUS:
+            self.status = msgpack.unpackb(body)
+        elif kind == wire.SNAPSHOT:
+            self.state.restore_snapshot(body)
+            self.synced.set()
+        else:
+            raise wire.FrameError(f"unknown frame kind {kind!r}")
+
+    async def call(self, name: str, args: Any, timeout: float) -> Any:
+        self._call_ids += 1
+        call_id = self._call_ids
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = future
+        self.writer.write(wire.frame(wire.CALL, msgpack.packb([call_id, name, args])))
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise RaftUnavailable(f"{name} timed out") from None
+        finally:
+            self._calls.pop(call_id, None)
+
+    def observe(self, operation: str, outcome: str, seconds: float) -> None:
+        self._observed.append((operation, outcome, seconds))
+
+    async def report_forever(self) -> None:
+        while True:
+            await asyncio.sleep(OBSERVE_INTERVAL_SECONDS)
+            if self._observed:
+                batch, self._observed = self._observed, []
+                self.writer.write(wire.frame(wire.OBSERVED, msgpack.packb(batch)))
+
+
+def _call_error(value: Any) -> Exception:
+    kind, message = value
+    if kind == "RaftUnavailable":
+        return RaftUnavailable(message)
+    return RuntimeError(f"the primary failed the call: {message}")
+
+
+class RemoteRaft:
+    """What the service layer needs of a Raft node, through the primary."""
+
+    # Generous: the primary's own commit timeout runs inside it.
+    CALL_TIMEOUT_SECONDS = 30.0
+
+    def __init__(self, link: PrimaryLink) -> None:
+        self.link = link
+
+    @property
+    def has_leader(self) -> bool:
+        return bool(self.link.status.get("has_leader"))
+
+    @property
+    def is_leader(self) -> bool:
+        return False  # leader-only jobs run in the primary
+
+    async def submit(self, command: commands.Command,
+                     timeout: float | None = None) -> ApplyResult:
+        # The reply follows the applied entry on the same stream: once it is here, this
+        # copy of the state has applied the command too.
+        result: ApplyResult = await self.link.call(
+            "submit", [commands.encode(command), timeout], self.CALL_TIMEOUT_SECONDS)
+        return result
+
+    async def barrier(self, timeout: float | None = None) -> None:
+        await self.submit(commands.Barrier(), timeout)
+
+
+class RemoteAuditCommitter:
+    """Fail-closed audit through the primary: the records a turn of the event loop produced
+    go in one call, and the primary's committer groups them with everyone else's."""
+
+    def __init__(self, link: PrimaryLink, timeout: float = 30.0) -> None:
+        self.link = link
+        self.timeout = timeout
+        self._pending: list[tuple[AuditItem, asyncio.Future[ChainedRecord]]] = []
+        self._scheduled = False
+
+    async def commit(self, item: AuditItem) -> ChainedRecord:
+        future: asyncio.Future[ChainedRecord] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._send(batch))
+        task.add_done_callback(lambda _t: None)
+
+    async def _send(self, batch: list[tuple[AuditItem, asyncio.Future[ChainedRecord]]]) -> None:
+        try:
+            results = await self.link.call("audit", [list(item) for item, _ in batch],
+                                           self.timeout)
+        except (RaftUnavailable, RuntimeError) as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(AuditUnavailable(str(exc)))
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, ChainedRecord):
+                future.set_result(result)
+            else:
+                future.set_exception(AuditUnavailable(str(result[1])))
+
+
+class ApiWorker:
+    def __init__(self, config: NodeConfig, index: int, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, clock: Clock | None = None) -> None:
+        self.config = config
+        self.index = index
+        if config.softhsm2_conf:
+            os.environ["SOFTHSM2_CONF"] = config.softhsm2_conf
+        self.clock = clock or (OffsetClock(config.clock_offset_file)
+                               if config.clock_offset_file else SystemClock())
+        self.hsm = HsmPartition(config.hsm_module, config.token_label, config.pin.read("HSM PIN"))
+        self.state = KmsState()
+        self.hsm.generation_source = lambda: self.state.active_generation
+        self.link = PrimaryLink(reader, writer, self.state, self._on_applied)
+        self.core = ServiceCore(self.state, RemoteRaft(self.link),  # type: ignore[arg-type]
+                                self.hsm, self.clock, config.account_id, config.regions)
+        self.core.allow_host_oaep_decoding = config.allow_host_oaep_decoding
+        self.asymmetric = AsymmetricHsm.for_node(self.core, self.hsm, WorkerSettings(
+            config.hsm_module, config.token_label, config.pin.read("HSM PIN"),
+            config.softhsm2_conf))
+        self.effects = ReplicaEffects(self.core, self.hsm, self.asymmetric)
+        credentials = CredentialStore(self.state, self.hsm)
+        authenticator = Authenticator(SigV4Verifier("kms", frozenset(config.regions),
+                                                    clock=time.time), credentials)
+        self.protocol = KmsProtocol(self.core, authenticator, RequestValidator(),
+                                    self._not_ready, RemoteAuditCommitter(self.link),  # type: ignore[arg-type]
+                                    config.node_id, self.link.observe)
+        self._runner: web.AppRunner | None = None
+
+    def _on_applied(self, command: commands.Command, result: ApplyResult) -> None:
+        self.effects.applied(command, result)
+
+    def _not_ready(self) -> str | None:
+        reason = self.link.status.get("not_ready")
+        return str(reason) if reason is not None else None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+
+        async def healthz(_request: web.Request) -> web.Response:
+            return web.json_response({"alive": True})
+
+        async def readyz(_request: web.Request) -> web.Response:
+            # The node's readiness is the primary's (Raft, domain key, lag).
+            try:
+                status, body = await self.link.call("readyz", None, 5.0)
+            except (RaftUnavailable, RuntimeError):
+                status, body = 503, {"ready": False, "reason": "The node's primary process "
+                                     "does not answer.", "lag": None}
+            return web.json_response(body, status=status)
+
+        async def metrics(_request: web.Request) -> web.Response:
+            try:
+                rendered = await self.link.call("metrics", None, 5.0)
+            except (RaftUnavailable, RuntimeError):
+                return web.Response(status=503, text="metrics unavailable\n")
+            return web.Response(body=rendered,
+                                headers={"Content-Type": "text/plain; version=0.0.4; "
+                                                         "charset=utf-8"})
+
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        app.router.add_get("/metrics", metrics)
+        app.router.add_route("*", "/{tail:.*}", self.protocol.handle)
+        return app
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.effects.loop = loop
+        feed = asyncio.create_task(self.link.run())
+        reporter = asyncio.create_task(self.link.report_forever())
+        synced = asyncio.create_task(self.link.synced.wait())
+        await asyncio.wait({feed, synced}, return_when=asyncio.FIRST_COMPLETED)
+        if feed.done():
+            return  # the primary went away before we had a state
+        self.asymmetric.start()
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        host, _, port = self.config.api_listen.rpartition(":")
+        context = (server_context(CertificatePaths(self.config.tls_certificate,
+                                                   self.config.tls_key))
+                   if self.config.tls_certificate and self.config.tls_key else None)
+        # Listen only once the copy of the state is here: the kernel hands this socket
+        # connections as soon as it listens.
+        await web.TCPSite(self._runner, host, int(port), ssl_context=context,
+                          reuse_port=True).start()
+        log.info("api_worker_serving", index=self.index, pid=os.getpid())
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({feed, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (reporter, stopper, synced):
+            task.cancel()
+        await self.stop()
+        feed.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feed
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        with contextlib.suppress(HsmError):
+            await self.asymmetric.stop()
+        self.core.key_stores.close_all()
+        self.hsm.close()
+
+
+async def serve_worker(config: NodeConfig, fd: int, index: int) -> None:
+    structlog.contextvars.bind_contextvars(api_worker=index)
+    sock = socket.socket(fileno=fd)
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=2**20)
+    worker = ApiWorker(config, index, reader, writer)
+    await worker.run()

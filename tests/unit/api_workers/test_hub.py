@@ -1,0 +1,150 @@
+"""The primary's side of API workers against a real single-member pysyncobj node, with the
+worker's end (kmsd.api_workers.worker.PrimaryLink) in this process on a socketpair."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgpack
+
+from cluster import commands
+from cluster.raft_node import RaftNode, RaftSettings
+from cluster.state import Applied, KmsState
+from kmsd.api_workers.hub import WorkerHub
+from kmsd.api_workers.worker import PrimaryLink, RemoteAuditCommitter, RemoteRaft
+from kmsd.audit.chain import canonical_bytes
+from kmsd.audit.committer import AuditCommitter
+
+
+def _register(n: int) -> commands.RegisterNode:
+    return commands.RegisterNode(f"node-{n}", "az-a", f"127.0.0.1:{30000 + n}",
+                                 f"http://127.0.0.1:{31000 + n}", f"http://127.0.0.1:{32000 + n}")
+
+
+def _without_chain(state: KmsState) -> dict[str, Any]:
+    """A state's snapshot minus the audit chain (a worker's copy does not keep the chain)."""
+    raw = msgpack.unpackb(state.to_snapshot())
+    raw.pop("audit")
+    return raw
+
+
+async def _until(predicate: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+class _Primary:
+    def __init__(self, tmp_path, port: int) -> None:
+        self.state = KmsState()
+        self.raft = RaftNode(RaftSettings(self_address=f"127.0.0.1:{port}", peer_addresses=(),
+                                          data_dir=str(tmp_path), password="test-secret"),
+                             self.state)
+        self.audit = AuditCommitter(self.raft)
+        self.observed: list[tuple[str, str, float]] = []
+        self.hub = WorkerHub(0, [], self.raft, self.state, self.audit,
+                             lambda: {"not_ready": None, "has_leader": self.raft.has_leader},
+                             lambda: b"metrics", lambda: (200, {"ready": True}),
+                             lambda *observed: self.observed.append(observed))
+
+    async def __aenter__(self) -> _Primary:
+        self.raft.start()
+        await _until(lambda: self.raft.has_leader, 10, "a leader")
+        await self.hub.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.hub.stop()
+        self.raft.stop()
+
+    async def worker(self, index: int = 0) -> tuple[PrimaryLink, KmsState, asyncio.Task[None]]:
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        self.hub.attach(index, reader, writer)
+        state = KmsState()
+        their_reader, their_writer = await asyncio.open_unix_connection(sock=theirs)
+        link = PrimaryLink(their_reader, their_writer, state, lambda _c, _r: None)
+        task = asyncio.create_task(link.run())
+        await asyncio.wait_for(link.synced.wait(), 10)
+        return link, state, task
+
+    async def stalled_worker(self, index: int) -> socket.socket:
+        """A worker that never reads what it is sent (and so never answers a fence)."""
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        self.hub.attach(index, reader, writer)
+        return theirs
+
+
+def _run(tmp_path, port: int, scenario: Callable[[_Primary], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with _Primary(tmp_path, port) as primary:
+            await scenario(primary)
+    asyncio.run(main())
+
+
+def test_a_new_worker_starts_from_the_state_as_applied_and_follows_every_entry(tmp_path) -> None:
+    async def scenario(primary: _Primary) -> None:
+        for n in range(3):
+            await primary.hub.submit(_register(n))
+        _link, copy, _task = await primary.worker()
+        assert _without_chain(copy) == _without_chain(primary.state)
+        for n in range(3, 8):
+            await primary.hub.submit(_register(n))
+        await primary.audit.commit((canonical_bytes({"eventName": "Decrypt"}), "node-0", (),
+                                    ("key-1", "Decrypt", "2026-11-28T00:00:00Z", "e", "r")))
+        await _until(lambda: _without_chain(copy) == _without_chain(primary.state), 5,
+                     "the copy to follow")
+        assert copy.key_usage["key-1"].operation == "Decrypt"
+    _run(tmp_path, 21761, scenario)
+
+
+def test_a_write_is_answered_only_once_every_worker_applied_it(tmp_path) -> None:
+    async def scenario(primary: _Primary) -> None:
+        copies = [(await primary.worker(i))[1] for i in range(2)]
+        for n in range(20):
+            await primary.hub.submit(_register(n))
+            # No await in between: the copies had it before the answer.
+            assert all(f"node-{n}" in copy.nodes for copy in copies)
+    _run(tmp_path, 21762, scenario)
+
+
+def test_a_worker_that_stops_reading_is_dropped_and_writes_go_on(tmp_path) -> None:
+    async def scenario(primary: _Primary) -> None:
+        primary.hub.fence_timeout = 0.3
+        _link, copy, _task = await primary.worker(0)
+        stalled = await primary.stalled_worker(1)
+        await _until(lambda: len(primary.hub._subscribers) == 2, 5, "both subscribed")
+        started = time.monotonic()
+        await primary.hub.submit(_register(1))
+        assert time.monotonic() - started < 3
+        assert "node-1" in copy.nodes
+        assert len(primary.hub._subscribers) == 1  # the stalled one is out of the feed
+        await primary.hub.submit(_register(2))  # and no longer holds writes up
+        stalled.close()
+    _run(tmp_path, 21763, scenario)
+
+
+def test_a_workers_writes_and_audit_records_go_through_the_primary(tmp_path) -> None:
+    async def scenario(primary: _Primary) -> None:
+        link, copy, _task = await primary.worker()
+        result = await RemoteRaft(link).submit(_register(7))
+        assert isinstance(result, Applied)
+        assert "node-7" in copy.nodes and "node-7" in primary.state.nodes
+        committer = RemoteAuditCommitter(link)
+        chained = await asyncio.gather(*(committer.commit(
+            (canonical_bytes({"eventName": "Encrypt", "n": n}), "node-0", (), ()))
+            for n in range(5)))
+        assert [r.seq for r in chained] == sorted(r.seq for r in chained)
+        assert primary.state.audit.head.seq == chained[-1].seq
+        reporter = asyncio.create_task(link.report_forever())
+        link.observe("Encrypt", "ok", 0.001)
+        await _until(lambda: primary.observed == [("Encrypt", "ok", 0.001)], 3,
+                     "the observation reported")
+        reporter.cancel()
+    _run(tmp_path, 21764, scenario)
