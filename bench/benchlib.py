@@ -475,14 +475,15 @@ def kmsd_base_port(nodes: int) -> int:
     raise RuntimeError("no free port range")
 
 
-def start_kmsd(processes: Processes, data_dir: str, nodes: int, timeout: float = 120.0
-               ) -> KmsdCluster:
+def start_kmsd(processes: Processes, data_dir: str, nodes: int, timeout: float = 120.0,
+               api_workers: int = 0) -> KmsdCluster:
     """`kmsd dev --nodes N` on 127.0.0.1; returns once every node is ready."""
     base = kmsd_base_port(nodes)
     os.makedirs(data_dir, exist_ok=True)
     process = processes.start(
         [sys.executable, "-m", "kmsd.cli", "dev", "--nodes", str(nodes), "--data-dir", data_dir,
-         "--port", str(base)], os.path.join(data_dir, "dev.log"), stdout_pipe=True)
+         "--port", str(base), "--api-workers", str(api_workers)],
+        os.path.join(data_dir, "dev.log"), stdout_pipe=True)
     assert process.stdout is not None
     ready, _, _ = select.select([process.stdout], [], [], timeout)
     line = process.stdout.readline() if ready else b""

@@ -118,8 +118,13 @@ def _kms_params(key_id: str, blob: str) -> dict[str, Callable[[], dict[str, Any]
     }
 
 
+# `--api-workers`: API worker processes per kmsd node besides its primary.
+API_WORKERS = {"per_node": 0}
+
+
 def start_kmsd(processes: Processes, workdir: str, nodes: int) -> Target:
-    cluster = benchlib.start_kmsd(processes, os.path.join(workdir, f"kmsd{nodes}"), nodes)
+    cluster = benchlib.start_kmsd(processes, os.path.join(workdir, f"kmsd{nodes}"), nodes,
+                                  api_workers=API_WORKERS["per_node"])
     creds = cluster.credentials
     first = cluster.endpoints[0]
     key_id = _expect_ok(first, "CreateKey", {"Description": "bench"}, creds,
@@ -426,6 +431,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {"runs": args.runs, "duration_s": args.duration, "levels": levels,
                      "ops": ops, "op_level": op_level, "warmup_s": args.warmup,
                      "quick": args.quick, "targets": targets_wanted,
+                     "api_workers_per_kmsd_node": args.api_workers,
                      "load_generator": "wrk -t1 per endpoint, Lua replay of pre-signed requests"
                                        " (bench/wrk/replay.lua), re-signed per run",
                      "request": "Decrypt of a 32-byte AES_256 data key, no encryption context;"
@@ -601,9 +607,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--op-level", type=int, default=64)
     parser.add_argument("--targets", default=",".join(ALL_TARGETS),
                         help=f"subset of {','.join(ALL_TARGETS)}")
+    parser.add_argument("--api-workers", type=int, default=0,
+                        help="API worker processes per kmsd node besides its primary")
     parser.add_argument("--out-dir", default=benchlib.RESULTS_DIR)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
+    API_WORKERS["per_node"] = args.api_workers
     args.runs = args.runs or (1 if args.quick else 3)
     args.duration = args.duration or (2 if args.quick else 6)
     args.warmup = 1 if args.quick else 2
