@@ -44,6 +44,7 @@ from kmsd.auth.credentials import CredentialStore, secret_aad
 from kmsd.auth.sigv4 import SigV4Verifier
 from kmsd.clock import Clock, OffsetClock, SystemClock
 from kmsd.config import NodeConfig
+from kmsd.errors import KMSInternalException
 from kmsd.hsm.asymmetric import AsymmetricKeys
 from kmsd.hsm.partition import HsmAuthenticationFailed, HsmError, HsmPartition
 from kmsd.hsm.worker_process import WorkerSettings
@@ -120,7 +121,7 @@ class Node:
             node_id=config.node_id, az=config.az, region=config.default_region,
             raft_status=self.raft.status,
             key_states=lambda: [k.key_state for k in list(self.state.keys.values())],
-            cache_counts=lambda: (self.hsm.handle_cache_hits, self.hsm.handle_cache_misses),
+            cache_counts=self._cache_counts,
             certificate_expiry=lambda: (certificate_expiry(config.tls_certificate)
                                         if config.tls_certificate else None)))
         self.hsm.observe = self.metrics.observe_hsm
@@ -140,7 +141,7 @@ class Node:
             self.workers = WorkerHub(
                 config.api_workers, worker_command, self.raft, self.state, self.audit,
                 self._worker_status, self.metrics.render, self.readiness,
-                self.metrics.observe_request)
+                self.metrics.observe_request, self.metrics.observe_hsm)
             # Writes are answered once every worker applied them (kmsd.api_workers.hub).
             self.core.raft = FencedRaft(self.raft, self.workers)  # type: ignore[assignment]
         self._not_ready = "The node is starting."
@@ -158,8 +159,17 @@ class Node:
             self.raft.force_compaction()
 
     def cached_handles(self) -> int:
-        """Unwrapped keys this node holds as HSM session objects (on the event loop's side)."""
-        return self.hsm.cached_handles + self.asymmetric.router.inline.cached_handles
+        """Unwrapped keys this node holds as HSM session objects (on the event loop's side),
+        its API workers' included."""
+        workers = self.workers.reported("cached_handles") if self.workers else 0
+        return self.hsm.cached_handles + self.asymmetric.router.inline.cached_handles + workers
+
+    def _cache_counts(self) -> tuple[int, int]:
+        hits, misses = self.hsm.handle_cache_hits, self.hsm.handle_cache_misses
+        if self.workers is not None:
+            hits += self.workers.reported("cache_hits")
+            misses += self.workers.reported("cache_misses")
+        return hits, misses
 
     # -- readiness -----------------------------------------------------------
 
@@ -186,7 +196,9 @@ class Node:
             try:
                 await self._bootstrap_once()
                 return
-            except RaftUnavailable:
+            except (RaftUnavailable, KMSInternalException):
+                # No quorum yet, or a commit timed out (KMSInternalException from the
+                # service layer): try again; the node is not ready meanwhile.
                 await asyncio.sleep(0.2)
 
     async def _bootstrap_once(self) -> None:
@@ -305,8 +317,8 @@ class Node:
                                             held.get(self.state.active_generation)
                                             == self.state.domain_key_check),
                     "domain_generations": {str(k): v for k, v in sorted(held.items())},
-                    "handle_cache_hits": self.hsm.handle_cache_hits,
-                    "handle_cache_misses": self.hsm.handle_cache_misses,
+                    "handle_cache_hits": self._cache_counts()[0],
+                    "handle_cache_misses": self._cache_counts()[1],
                     "cached_handles": self.cached_handles()},
             "raft": self.raft.status(),
             "audit": {"chain_head": {"seq": self.state.audit.head.seq,

@@ -62,6 +62,9 @@ class _WorkerLink:
         self.writer = writer
         self.fences: dict[int, asyncio.Future[None]] = {}
         self.closed = False
+        # Serving (or about to): writes are fenced with it from then on.
+        self.serving = False
+        self.counts: dict[str, int] = {}
 
     def send(self, data: bytes) -> None:
         if not self.closed:
@@ -91,7 +94,8 @@ class WorkerHub:
                  status: Callable[[], dict[str, Any]],
                  render_metrics: Callable[[], bytes],
                  readiness: Callable[[], tuple[int, dict[str, Any]]],
-                 observe_request: Callable[[str, str, float], None]) -> None:
+                 observe_request: Callable[[str, str, float], None],
+                 observe_hsm: Callable[[str, float, bool], None]) -> None:
         self.count = count
         # argv of a worker, to which `--fd N --index I` is added.
         self.worker_command = worker_command
@@ -102,6 +106,7 @@ class WorkerHub:
         self.render_metrics = render_metrics
         self.readiness = readiness
         self.observe_request = observe_request
+        self.observe_hsm = observe_hsm
         # Read on the tick thread, replaced (never mutated) on the event loop.
         self._subscribers: tuple[_WorkerLink, ...] = ()
         self._links: dict[int, _WorkerLink] = {}
@@ -139,6 +144,10 @@ class WorkerHub:
             link.close()
         self._links.clear()
         self._subscribers = ()
+
+    def reported(self, name: str) -> int:
+        """The sum over the workers of one of their reported counts (wire.COUNTS)."""
+        return sum(link.counts.get(name, 0) for link in self._links.values())
 
     @property
     def pids(self) -> list[int]:
@@ -205,13 +214,21 @@ class WorkerHub:
                 if kind == wire.CALL:
                     call_id, name, args = msgpack.unpackb(body)
                     self._keep(self._answer(link, call_id, name, args))
+                elif kind == wire.READY:
+                    link.serving = True
+                    link.send(wire.frame(wire.SERVE, b""))
                 elif kind == wire.FENCED:
                     future = link.fences.pop(msgpack.unpackb(body), None)
                     if future is not None and not future.done():
                         future.set_result(None)
                 elif kind == wire.OBSERVED:
-                    for operation, outcome, seconds in msgpack.unpackb(body):
-                        self.observe_request(operation, outcome, seconds)
+                    for observed in msgpack.unpackb(body):
+                        if observed[0] == wire.OBSERVED_REQUEST:
+                            self.observe_request(*observed[1:4])
+                        elif observed[0] == wire.OBSERVED_HSM:
+                            self.observe_hsm(*observed[1:4])
+                elif kind == wire.COUNTS:
+                    link.counts = {str(k): int(v) for k, v in msgpack.unpackb(body).items()}
                 else:
                     raise wire.FrameError(f"unknown frame kind {kind!r}")
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -268,7 +285,7 @@ class WorkerHub:
 
     async def fence(self) -> None:
         """Return once every live worker has applied everything this process has applied."""
-        links = [link for link in self._subscribers if not link.closed]
+        links = [link for link in self._subscribers if link.serving and not link.closed]
         if not links:
             return
         assert self._loop is not None

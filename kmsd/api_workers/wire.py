@@ -10,13 +10,19 @@ Primary → worker:
 - `APPLY`     a command exactly as the Raft log holds it, applied by the primary;
 - `STATUS`    msgpack status: {"not_ready": str | None, "has_leader": bool};
 - `FENCE`     msgpack id: answer with `FENCED` once everything before is applied;
+- `SERVE`     (empty) the answer to `READY`: every write answered from now on waits for
+  this worker, and every write answered before is in a frame ahead of this one;
 - `REPLY`     pickle (call id, ok, value): the answer to a `CALL`. Pickle goes
   only this way, from the process that spawned the reader.
 
 Worker → primary (msgpack only; the primary never unpickles what a worker sends):
 - `CALL`      [call id, name, args];
 - `FENCED`    id;
-- `OBSERVED`  [[operation, outcome, seconds], ...]: answered requests, for metrics.
+- `READY`     (empty) it has its copy and is about to listen: wait for `SERVE` first;
+- `OBSERVED`  [["r", operation, outcome, seconds] | ["h", call, seconds, failed], ...]:
+  answered requests and HSM calls, for the node's metrics;
+- `COUNTS`    msgpack {"cached_handles", "cache_hits", "cache_misses"}: its HSM handle
+  cache, for the node's status and metrics (sent when it changed).
 """
 
 from __future__ import annotations
@@ -31,7 +37,13 @@ FENCE = b"F"
 REPLY = b"R"
 CALL = b"C"
 FENCED = b"f"
+READY = b"r"
+SERVE = b"s"
 OBSERVED = b"O"
+COUNTS = b"W"
+
+OBSERVED_REQUEST = "r"
+OBSERVED_HSM = "h"
 
 _LENGTH = struct.Struct(">I")
 # A state snapshot of 100k keys is tens of MiB; anything past this is a broken peer.

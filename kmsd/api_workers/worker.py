@@ -45,8 +45,8 @@ from kmsd.tls import CertificatePaths, server_context
 
 log = structlog.get_logger("kmsd.api_worker")
 
-# Answered requests are reported to the primary (for /metrics) this often.
-OBSERVE_INTERVAL_SECONDS = 0.5
+# How often the HSM handle cache's counts are reported to the primary (when they changed).
+COUNTS_INTERVAL_SECONDS = 0.5
 
 
 class PrimaryLink:
@@ -63,9 +63,13 @@ class PrimaryLink:
         self.status: dict[str, Any] = {"not_ready": "The worker is starting.",
                                        "has_leader": False}
         self.synced = asyncio.Event()
+        self.may_serve = asyncio.Event()
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._call_ids = 0
-        self._observed: list[tuple[str, str, float]] = []
+        self._observed: list[list[Any]] = []
+        # The worker's HSM handle-cache counts, reported when they change.
+        self.counts: Callable[[], dict[str, int]] = dict
+        self._sent_counts: dict[str, int] = {}
 
     async def run(self) -> None:
         """Read the primary's frames until it goes away."""
@@ -103,6 +107,8 @@ class PrimaryLink:
         elif kind == wire.SNAPSHOT:
             self.state.restore_snapshot(body)
             self.synced.set()
+        elif kind == wire.SERVE:
+            self.may_serve.set()
         else:
             raise wire.FrameError(f"unknown frame kind {kind!r}")
 
@@ -120,14 +126,36 @@ class PrimaryLink:
             self._calls.pop(call_id, None)
 
     def observe(self, operation: str, outcome: str, seconds: float) -> None:
-        self._observed.append((operation, outcome, seconds))
+        """An answered request (for the node's metrics)."""
+        self._note([wire.OBSERVED_REQUEST, operation, outcome, seconds])
+
+    def observe_hsm(self, call: str, seconds: float, failed: bool) -> None:
+        self._note([wire.OBSERVED_HSM, call, seconds, failed])
+
+    def _note(self, observation: list[Any]) -> None:
+        # Sent at the end of this turn of the loop with the others made in it: a scrape or
+        # status read right after a response already counts it.
+        if not self._observed:
+            asyncio.get_running_loop().call_soon(self._send_observed)
+        self._observed.append(observation)
+
+    def _send_observed(self) -> None:
+        batch, self._observed = self._observed, []
+        if batch:
+            self.writer.write(wire.frame(wire.OBSERVED, msgpack.packb(batch)))
+        self._send_counts()
+
+    def _send_counts(self) -> None:
+        current = self.counts()
+        if current != self._sent_counts:
+            self.writer.write(wire.frame(wire.COUNTS, msgpack.packb(current)))
+            self._sent_counts = current
 
     async def report_forever(self) -> None:
+        """Counts also change with no request (a deleted key's handles are dropped)."""
         while True:
-            await asyncio.sleep(OBSERVE_INTERVAL_SECONDS)
-            if self._observed:
-                batch, self._observed = self._observed, []
-                self.writer.write(wire.frame(wire.OBSERVED, msgpack.packb(batch)))
+            self._send_counts()
+            await asyncio.sleep(COUNTS_INTERVAL_SECONDS)
 
 
 def _call_error(value: Any) -> Exception:
@@ -221,6 +249,7 @@ class ApiWorker:
         self.state = KmsState()
         self.hsm.generation_source = lambda: self.state.active_generation
         self.link = PrimaryLink(reader, writer, self.state, self._on_applied)
+        self.hsm.observe = self.link.observe_hsm
         self.core = ServiceCore(self.state, RemoteRaft(self.link),  # type: ignore[arg-type]
                                 self.hsm, self.clock, config.account_id, config.regions)
         self.core.allow_host_oaep_decoding = config.allow_host_oaep_decoding
@@ -228,6 +257,7 @@ class ApiWorker:
             config.hsm_module, config.token_label, config.pin.read("HSM PIN"),
             config.softhsm2_conf))
         self.effects = ReplicaEffects(self.core, self.hsm, self.asymmetric)
+        self.link.counts = self._counts
         credentials = CredentialStore(self.state, self.hsm)
         authenticator = Authenticator(SigV4Verifier("kms", frozenset(config.regions),
                                                     clock=time.time), credentials)
@@ -238,6 +268,12 @@ class ApiWorker:
 
     def _on_applied(self, command: commands.Command, result: ApplyResult) -> None:
         self.effects.applied(command, result)
+
+    def _counts(self) -> dict[str, int]:
+        return {"cached_handles": (self.hsm.cached_handles
+                                   + self.asymmetric.router.inline.cached_handles),
+                "cache_hits": self.hsm.handle_cache_hits,
+                "cache_misses": self.hsm.handle_cache_misses}
 
     def _not_ready(self) -> str | None:
         reason = self.link.status.get("not_ready")
@@ -283,6 +319,13 @@ class ApiWorker:
         if feed.done():
             return  # the primary went away before we had a state
         self.asymmetric.start()
+        # Writes the primary answers from now on wait for this copy; the ones answered
+        # before are all applied once SERVE is read (kmsd.api_workers.wire).
+        self.link.writer.write(wire.frame(wire.READY, b""))
+        serve = asyncio.create_task(self.link.may_serve.wait())
+        await asyncio.wait({feed, serve}, return_when=asyncio.FIRST_COMPLETED)
+        if feed.done():
+            return
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
         host, _, port = self.config.api_listen.rpartition(":")

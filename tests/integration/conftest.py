@@ -11,8 +11,11 @@ from tests.integration.harness import Cluster, start_cluster
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One 3-node cluster shared by the tests that do not break nodes."""
-    running = start_cluster(str(tmp_path_factory.mktemp("cluster")))
+    """One 3-node cluster shared by the tests that do not break nodes. Its nodes serve the API
+    from one API worker process each (kmsd.api_workers), so every test on it also checks that
+    a worker answers as the primary would; the other clusters serve from their primaries."""
+    running = start_cluster(str(tmp_path_factory.mktemp("cluster")),
+                            extra_args=("--api-workers", "1"))
     yield running
     running.stop()
 

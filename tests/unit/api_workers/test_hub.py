@@ -14,6 +14,7 @@ import msgpack
 from cluster import commands
 from cluster.raft_node import RaftNode, RaftSettings
 from cluster.state import Applied, KmsState
+from kmsd.api_workers import wire
 from kmsd.api_workers.hub import WorkerHub
 from kmsd.api_workers.worker import PrimaryLink, RemoteAuditCommitter, RemoteRaft
 from kmsd.audit.chain import canonical_bytes
@@ -50,6 +51,7 @@ class _Primary:
         self.hub = WorkerHub(0, [], self.raft, self.state, self.audit,
                              lambda: {"not_ready": None, "has_leader": self.raft.has_leader},
                              lambda: b"metrics", lambda: (200, {"ready": True}),
+                             lambda *observed: self.observed.append(observed),
                              lambda *observed: self.observed.append(observed))
 
     async def __aenter__(self) -> _Primary:
@@ -71,13 +73,18 @@ class _Primary:
         link = PrimaryLink(their_reader, their_writer, state, lambda _c, _r: None)
         task = asyncio.create_task(link.run())
         await asyncio.wait_for(link.synced.wait(), 10)
+        their_writer.write(wire.frame(wire.READY, b""))
+        await asyncio.wait_for(link.may_serve.wait(), 10)
         return link, state, task
 
-    async def stalled_worker(self, index: int) -> socket.socket:
-        """A worker that never reads what it is sent (and so never answers a fence)."""
+    async def stalled_worker(self, index: int, ready: bool = True) -> socket.socket:
+        """A worker that never reads what it is sent (and so never answers a fence); `ready`:
+        it said it is about to serve."""
         ours, theirs = socket.socketpair()
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         self.hub.attach(index, reader, writer)
+        if ready:
+            theirs.sendall(wire.frame(wire.READY, b""))
         return theirs
 
 
@@ -130,6 +137,19 @@ def test_a_worker_that_stops_reading_is_dropped_and_writes_go_on(tmp_path) -> No
     _run(tmp_path, 21763, scenario)
 
 
+def test_a_worker_still_starting_holds_no_write_up(tmp_path) -> None:
+    async def scenario(primary: _Primary) -> None:
+        starting = await primary.stalled_worker(0, ready=False)
+        await _until(lambda: len(primary.hub._subscribers) == 1, 5, "subscribed")
+        started = time.monotonic()
+        for n in range(5):
+            await primary.hub.submit(_register(n))
+        assert time.monotonic() - started < primary.hub.fence_timeout
+        assert len(primary.hub._subscribers) == 1  # still fed: it will serve from this copy
+        starting.close()
+    _run(tmp_path, 21765, scenario)
+
+
 def test_a_workers_writes_and_audit_records_go_through_the_primary(tmp_path) -> None:
     async def scenario(primary: _Primary) -> None:
         link, copy, _task = await primary.worker()
@@ -142,9 +162,13 @@ def test_a_workers_writes_and_audit_records_go_through_the_primary(tmp_path) -> 
             for n in range(5)))
         assert [r.seq for r in chained] == sorted(r.seq for r in chained)
         assert primary.state.audit.head.seq == chained[-1].seq
+        link.counts = lambda: {"cached_handles": 3}
         reporter = asyncio.create_task(link.report_forever())
         link.observe("Encrypt", "ok", 0.001)
-        await _until(lambda: primary.observed == [("Encrypt", "ok", 0.001)], 3,
-                     "the observation reported")
+        link.observe_hsm("decrypt", 0.0001, False)
+        await _until(lambda: primary.observed == [("Encrypt", "ok", 0.001),
+                                                  ("decrypt", 0.0001, False)], 3,
+                     "the observations reported")
+        await _until(lambda: primary.hub.reported("cached_handles") == 3, 3, "counts reported")
         reporter.cancel()
     _run(tmp_path, 21764, scenario)
