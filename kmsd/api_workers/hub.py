@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import os
 import pickle
+import select
 import socket
 import sys
 from collections.abc import Callable
@@ -66,9 +67,26 @@ class _WorkerLink:
         self.serving = False
         self.counts: dict[str, int] = {}
 
+        # While a forked child writes this worker's snapshot into the socket, frames wait
+        # here (set on the tick thread before anything is sent to it; see _subscribe).
+        self.holding = False
+        self.held: list[bytes] = []
+        socket_ = writer.get_extra_info("socket")
+        self.fd: int = socket_.fileno() if socket_ is not None else -1
+
     def send(self, data: bytes) -> None:
-        if not self.closed:
+        if self.closed:
+            return
+        if self.holding:
+            self.held.append(data)
+        else:
             self.writer.write(data)
+
+    def release(self) -> None:
+        self.holding = False
+        held, self.held = self.held, []
+        for data in held:
+            self.send(data)
 
     def close(self) -> None:
         self.closed = True
@@ -195,15 +213,28 @@ class WorkerHub:
         assert loop is not None
 
         def on_tick() -> None:
-            # Between two applies: the snapshot and the subscription see the same state.
-            snapshot = self.state.to_snapshot()
+            # Between two applies, so the snapshot and the subscription see the same state.
+            # Encoding the state takes seconds at 100k keys, and no entry would commit
+            # meanwhile: a forked child encodes it from a copy-on-write image and writes it
+            # into the socket (nothing else has been sent on it yet), as pysyncobj's own
+            # snapshots do. The child touches no PKCS#11 session and leaves with os._exit.
+            link.holding = True
             self._subscribers = (*self._subscribers, link)
-            loop.call_soon_threadsafe(self._welcome, link, snapshot)
+            pid = _fork_snapshot_writer(self.state, link.fd)
+            loop.call_soon_threadsafe(self._keep, self._welcome(link, pid))
 
         self.raft.call_on_tick(on_tick)
 
-    def _welcome(self, link: _WorkerLink, snapshot: bytes) -> None:
-        link.send(wire.frame(wire.SNAPSHOT, snapshot))
+    async def _welcome(self, link: _WorkerLink, pid: int) -> None:
+        assert self._loop is not None
+        code = await self._loop.run_in_executor(None, _exit_code, pid)
+        if code != 0:
+            log.error("api_worker_snapshot_failed", index=link.index, code=code)
+            self._subscribers = tuple(s for s in self._subscribers if s is not link)
+            link.close()
+            link.kill()
+            return
+        link.release()
         link.send(wire.frame(wire.STATUS, self._status_body()))
 
     async def _serve(self, link: _WorkerLink) -> None:
@@ -258,10 +289,18 @@ class WorkerHub:
                                         wire.frame(wire.APPLY, packed))
 
     def _on_restored(self) -> None:
-        subscribers = self._subscribers
+        """A snapshot from the leader replaced the state (this node was far behind): the
+        workers start again from it. They leave the feed here, on the tick thread, before
+        any entry after the snapshot applies."""
+        subscribers, self._subscribers = self._subscribers, ()
         if subscribers and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._publish, subscribers,
-                                            wire.frame(wire.SNAPSHOT, self.state.to_snapshot()))
+            self._loop.call_soon_threadsafe(self._replace, subscribers)
+
+    @staticmethod
+    def _replace(links: tuple[_WorkerLink, ...]) -> None:
+        for link in links:
+            link.close()
+            link.kill()  # _serve spawns it again
 
     @staticmethod
     def _publish(subscribers: tuple[_WorkerLink, ...], data: bytes) -> None:
@@ -344,6 +383,29 @@ class WorkerHub:
         if not isinstance(command, (commands.AppendAudit, commands.Barrier)):
             await self.fence()
         return result
+
+
+def _fork_snapshot_writer(state: KmsState, fd: int) -> int:
+    """Fork a child that writes `state`'s SNAPSHOT frame to `fd` and exits; its pid."""
+    pid = os.fork()
+    if pid != 0:
+        return pid
+    code = 1
+    try:
+        data = memoryview(wire.frame(wire.SNAPSHOT, state.to_snapshot()))
+        while data:
+            try:
+                data = data[os.write(fd, data):]
+            except BlockingIOError:  # the socket is non-blocking (asyncio's)
+                select.select([], [fd], [])
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _exit_code(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def _audit_item(raw: list[Any]) -> AuditItem:

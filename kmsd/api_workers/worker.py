@@ -203,6 +203,8 @@ class RemoteAuditCommitter:
         self.timeout = timeout
         self._pending: list[tuple[AuditItem, asyncio.Future[ChainedRecord]]] = []
         self._scheduled = False
+        # The loop keeps only weak references to tasks.
+        self._in_flight: set[asyncio.Task[None]] = set()
 
     async def commit(self, item: AuditItem) -> ChainedRecord:
         future: asyncio.Future[ChainedRecord] = asyncio.get_running_loop().create_future()
@@ -216,7 +218,8 @@ class RemoteAuditCommitter:
         self._scheduled = False
         batch, self._pending = self._pending, []
         task = asyncio.ensure_future(self._send(batch))
-        task.add_done_callback(lambda _t: None)
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
 
     async def _send(self, batch: list[tuple[AuditItem, asyncio.Future[ChainedRecord]]]) -> None:
         try:

@@ -40,9 +40,19 @@ async def _until(predicate: Callable[[], bool], seconds: float, what: str) -> No
         await asyncio.sleep(0.01)
 
 
+class _CountingState(KmsState):
+    def __init__(self) -> None:
+        super().__init__()
+        self.snapshots_built_here = 0
+
+    def to_snapshot(self) -> bytes:
+        self.snapshots_built_here += 1
+        return super().to_snapshot()
+
+
 class _Primary:
     def __init__(self, tmp_path, port: int) -> None:
-        self.state = KmsState()
+        self.state = _CountingState()
         self.raft = RaftNode(RaftSettings(self_address=f"127.0.0.1:{port}", peer_addresses=(),
                                           data_dir=str(tmp_path), password="test-secret"),
                              self.state)
@@ -101,6 +111,9 @@ def test_a_new_worker_starts_from_the_state_as_applied_and_follows_every_entry(t
             await primary.hub.submit(_register(n))
         _link, copy, _task = await primary.worker()
         assert _without_chain(copy) == _without_chain(primary.state)
+        # Encoded in a forked child, off the Raft tick thread (this count is the parent's,
+        # taken before the comparison above encoded it once).
+        assert primary.state.snapshots_built_here == 1
         for n in range(3, 8):
             await primary.hub.submit(_register(n))
         await primary.audit.commit((canonical_bytes({"eventName": "Decrypt"}), "node-0", (),
@@ -113,7 +126,8 @@ def test_a_new_worker_starts_from_the_state_as_applied_and_follows_every_entry(t
 
 def test_a_write_is_answered_only_once_every_worker_applied_it(tmp_path) -> None:
     async def scenario(primary: _Primary) -> None:
-        copies = [(await primary.worker(i))[1] for i in range(2)]
+        workers = [await primary.worker(i) for i in range(2)]  # (kept: tasks are weak)
+        copies = [copy for _link, copy, _task in workers]
         for n in range(20):
             await primary.hub.submit(_register(n))
             # No await in between: the copies had it before the answer.
