@@ -151,6 +151,20 @@ def test_a_worker_that_stops_reading_is_dropped_and_writes_go_on(tmp_path) -> No
     _run(tmp_path, 21763, scenario)
 
 
+def test_after_a_snapshot_install_the_workers_leave_the_feed_and_start_again(tmp_path) -> None:
+    async def scenario(primary: _Primary) -> None:
+        link, _copy, task = await primary.worker(0)
+        done, loop = asyncio.Event(), asyncio.get_running_loop()
+        # As pysyncobj calls it: on the tick thread, right after installing the snapshot.
+        primary.raft.call_on_tick(lambda: (primary.hub._on_restored(),
+                                           loop.call_soon_threadsafe(done.set)))
+        await asyncio.wait_for(done.wait(), 5)
+        assert primary.hub._subscribers == ()
+        await asyncio.wait_for(task, 5)  # the primary closed its end: the worker's feed ends
+        await primary.hub.submit(_register(1))  # no fence waits on a replaced worker
+    _run(tmp_path, 21766, scenario)
+
+
 def test_a_worker_still_starting_holds_no_write_up(tmp_path) -> None:
     async def scenario(primary: _Primary) -> None:
         starting = await primary.stalled_worker(0, ready=False)
