@@ -16,7 +16,6 @@ import dataclasses
 import json
 import re
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +40,7 @@ from kmsd.errors import (
     UnsupportedOperationException,
     ValidationException,
 )
+from kmsd.ids import new_uuid
 from kmsd.service.context import Caller, RequestContext
 from kmsd.service.core import ServiceCore
 
@@ -143,7 +143,7 @@ class KmsProtocol:
         started = time.perf_counter()
         target = request.headers.get("X-Amz-Target", "")
         operation = target[len(TARGET_PREFIX):] if target.startswith(TARGET_PREFIX) else ""
-        exchange = _Exchange(str(uuid.uuid4()), operation)
+        exchange = _Exchange(new_uuid(), operation)
         structlog.contextvars.bind_contextvars(request_id=exchange.request_id)
         body: dict[str, Any] | None = None
         error: KmsError | None = None
@@ -224,7 +224,7 @@ class KmsProtocol:
         decisions = exchange.context.decisions if exchange.context else []
         keys = self.core.state.keys
         key_arns = [keys[k].arn for k, _ in decisions if k in keys]
-        event_id, event_time = str(uuid.uuid4()), time.time()
+        event_id, event_time = new_uuid(), time.time()
         event = build_event(
             operation=exchange.operation or "UnknownOperation", params=exchange.params,
             response=body, error_code=error.error_type if error else None,
