@@ -84,11 +84,25 @@ DEFAULT_ALGORITHMS: Mapping[str, tuple[str, ...]] = {
 MAX_SAFE_INT = 2**53 - 1
 
 
+# The last second formatted and its text. Every request formats the current time, and a
+# datetime round trip costs more than the rest of format_event_time ten times over; requests
+# within one second share the text. One tuple, replaced whole: safe to share between threads.
+_last_event_time: tuple[int | None, str] = (None, "")
+
+
 def format_event_time(epoch_seconds: float) -> str:
     """`YYYY-MM-DDTHH:MM:SSZ` (UTC, whole seconds, truncated) for an epoch time."""
+    global _last_event_time
     if isinstance(epoch_seconds, bool) or not math.isfinite(epoch_seconds):
         raise ValueError(f"event time must be a finite number of seconds: {epoch_seconds!r}")
-    return datetime.fromtimestamp(math.floor(epoch_seconds), UTC).strftime(EVENT_TIME_FORMAT)
+    second = math.floor(epoch_seconds)
+    last_second, text = _last_event_time
+    if second == last_second:
+        return text
+    text = datetime.fromtimestamp(second, UTC).strftime(EVENT_TIME_FORMAT)
+    if type(second) is int:
+        _last_event_time = (second, text)
+    return text
 
 
 # -- allow-list renderers ------------------------------------------------------------------------
