@@ -24,8 +24,9 @@ allow_nan=False)` for such values.
 
 The chain:
 - Each record carries its event as canonical bytes (`event_bytes`), encoded once by the
-  proposer (`AuditEntry.of`) and carried in the Raft command, so apply never JSON-encodes an
-  event: it hashes a small header and those bytes.
+  proposer (`AuditEntry.of`; API calls use `record.encode_event`, the same bytes built directly)
+  and carried in the Raft command, so apply never JSON-encodes an event: it hashes a small
+  header and those bytes.
 - `hash = SHA-256(b"kmsd-audit-chain-v1\\n" || canonical({"node", "prev_hash", "revoked",
   "seq"}) || b"\\n" || event_bytes)`, lowercase hex. It covers the sequence number, the
   previous record's hash, the node that served the request, the commit-time revocation flag

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -19,7 +21,17 @@ from hypothesis import strategies as st
 
 from kmsd.audit import record
 from kmsd.audit.chain import CanonicalEncodingError, canonical_bytes, canonical_text
-from kmsd.audit.record import EVENT_TIME_FORMAT, format_event_time
+from kmsd.audit.record import (
+    CRYPTO_OPERATIONS,
+    EVENT_TIME_FORMAT,
+    REQUEST_MEMBERS,
+    RESPONSE_MEMBERS,
+    build_event,
+    encode_event,
+    format_event_time,
+)
+from tests.unit.audit.support import ACCOUNT, ALICE, KEY_ARN, OTHER_KEY_ARN, REGION
+from tests.unit.audit.test_record_secrets import MODEL, OPERATIONS, Filler
 
 # -- event time -----------------------------------------------------------------------------------
 
@@ -191,3 +203,149 @@ def test_canonical_bytes_give_the_references_bytes_or_error(value: Any) -> None:
     assert outcome(canonical_bytes, value) == outcome(reference_canonical_bytes, value)
     assert outcome(canonical_text, value) == outcome(
         lambda v: reference_canonical_bytes(v).decode("ascii"), value)
+
+
+# -- the event's bytes, built directly -----------------------------------------------------------
+
+
+def reference_event_bytes(**arguments: Any) -> tuple[str, bytes]:
+    """What _record did: build the event, take its dict, encode it canonically."""
+    event = build_event(**arguments)
+    return event.event_time, reference_canonical_bytes(event.to_dict())
+
+
+@contextmanager
+def no_plain_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fail if encode_event falls back to building the event: prove the shortcut ran."""
+    def refuse(**_: Any) -> Any:
+        raise AssertionError("encode_event fell back to build_event")
+    with monkeypatch.context() as patch:
+        patch.setattr(record, "build_event", refuse)
+        yield
+
+
+def arguments(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = dict(
+        operation="Decrypt", params={"CiphertextBlob": b"\x01ct",
+                                     "EncryptionContext": {"Dept": "Eng"}},
+        response={"KeyId": KEY_ARN, "Plaintext": b"pt"}, error_code=None, error_message=None,
+        principal_arn=ALICE, account_id=ACCOUNT, access_key_id="AKIDEXAMPLE", region=REGION,
+        source_ip="192.0.2.0", user_agent="Boto3/1.40.0", request_id="req-1",
+        event_id="evt-1", event_time=1669316263.75, key_arns=[KEY_ARN],
+        recipient_account_id=ACCOUNT)
+    return base | changes
+
+
+TYPICAL = [
+    arguments(),
+    arguments(key_arns=(KEY_ARN,), recipient_account_id=None),
+    arguments(error_code="AccessDeniedException", error_message="denied \u00e9", key_arns=[]),
+    arguments(error_code="KMSInvalidStateException", error_message=None),
+    arguments(operation="ReEncrypt", key_arns=[KEY_ARN, OTHER_KEY_ARN],
+              params={"DestinationKeyId": "alias/other", "GrantTokens": ["t"]}),
+    arguments(operation="CreateKey", params={"Description": "line\nbreak \"quoted\""},
+              response={"KeyMetadata": {"KeyId": "k", "Arn": KEY_ARN, "Enabled": True,
+                                        "CreationDate": datetime(2024, 1, 2, tzinfo=UTC)}}),
+    arguments(operation="DisableKey", params={"KeyId": "k"}, response={}),
+    arguments(operation="UnknownOperation", params={}, response=None, key_arns=[],
+              principal_arn="", access_key_id="", error_code="UnknownOperationException",
+              error_message=""),
+    arguments(principal_arn=f"arn:aws:iam::{ACCOUNT}:root", principal_id="AIDAEXAMPLE",
+              user_agent="caf\u00e9 \U0001f511 \x7f", region="\ud800"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(TYPICAL)))
+def test_typical_events_are_encoded_directly_and_exactly(
+        case: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = reference_event_bytes(**TYPICAL[case])
+    with no_plain_path(monkeypatch):
+        assert encode_event(**TYPICAL[case]) == expected
+        assert encode_event(**TYPICAL[case]) == expected  # again, from the caches
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_every_operation_is_encoded_directly_and_exactly(
+        operation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every member of the model filled in, blobs and sensitive strings included.
+    filler = Filler(operation)
+    model = MODEL.operation_model(operation)
+    params = filler.fill(model.input_shape, f"{operation}.in") if model.input_shape else {}
+    response = filler.fill(model.output_shape, f"{operation}.out") if model.output_shape else {}
+    for changes in ({}, {"key_arns": []}, {"key_arns": [KEY_ARN, OTHER_KEY_ARN]},
+                    {"response": None, "error_code": "AccessDeniedException",
+                     "error_message": "denied"}):
+        case = arguments(operation=operation, params=params, response=response) | changes
+        expected = reference_event_bytes(**case)
+        with no_plain_path(monkeypatch):
+            assert encode_event(**case) == expected
+
+
+# Generated arguments: what requests carry, and now and then one that nothing should carry.
+odd = st.one_of(st.integers(), st.floats(), st.none(), st.binary(max_size=3), st.booleans(),
+                st.sampled_from([Color.RED, 1, 1.0, True]))
+member_values = st.recursive(
+    st.one_of(texts, st.binary(max_size=4), st.integers(), st.booleans(), st.floats(),
+              st.none(), st.datetimes(timezones=st.just(UTC)), st.sampled_from([Color.RED])),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.one_of(texts, st.sampled_from(
+                                sorted(REQUEST_MEMBERS) + ["TagKey", "TagValue"])),
+                                inner, max_size=3)),
+    max_leaves=8)
+member_names = st.one_of(st.sampled_from(sorted(REQUEST_MEMBERS) + sorted(RESPONSE_MEMBERS)
+                                         + ["CiphertextBlob", "Plaintext", "FutureMember"]),
+                         texts)
+members = st.dictionaries(member_names, member_values, max_size=5)
+arns = st.one_of(st.sampled_from([KEY_ARN, OTHER_KEY_ARN, ALICE, f"arn:aws:iam::{ACCOUNT}:root",
+                                  f"arn:aws:sts::{ACCOUNT}:assumed-role/r/s",
+                                  "arn:aws:kms:us-east-1:444455556666:key/x",
+                                  "arn:aws:kms:us-east-1::key/no-account"]), texts)
+usual_arguments = st.fixed_dictionaries({
+    "operation": st.one_of(st.sampled_from(sorted(CRYPTO_OPERATIONS) + [
+        "CreateKey", "DisableKey", "DescribeKey", "ListKeys", "CreateAlias", "CreateGrant",
+        "ScheduleKeyDeletion", "UnknownOperation"]), texts),
+    "params": members,
+    "response": st.one_of(st.none(), members),
+    "error_code": st.one_of(st.none(), st.none(), texts),
+    "error_message": st.one_of(st.none(), texts),
+    "principal_arn": arns,
+    "account_id": st.one_of(st.just(ACCOUNT), texts),
+    "access_key_id": st.one_of(st.just("AKIDEXAMPLE"), texts),
+    "region": texts,
+    "source_ip": texts,
+    "user_agent": texts,
+    "request_id": texts,
+    "event_id": texts,
+    "event_time": st.one_of(st.floats(1.6e9, 1.8e9), st.integers(0, 2**33)),
+    "key_arns": st.one_of(st.lists(arns, max_size=3), st.lists(arns, max_size=2).map(tuple)),
+    "principal_id": st.one_of(st.none(), texts),
+    "recipient_account_id": st.one_of(st.none(), texts),
+})
+
+
+@st.composite
+def generated_arguments(draw: st.DrawFn) -> dict[str, Any]:
+    case = draw(usual_arguments)
+    if draw(st.integers(0, 3)) == 0:  # a quarter of the time, one argument of the wrong kind
+        name = draw(st.sampled_from(sorted(case)))
+        case[name] = draw(st.one_of(odd, st.lists(odd, max_size=2)) if name == "key_arns"
+                          else odd)
+    return case
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(generated_arguments(), min_size=1, max_size=3))
+def test_encode_event_gives_the_references_bytes_or_error(calls: list[dict[str, Any]]) -> None:
+    # A few calls in a row, so the per-caller and per-key caches meet varied arguments.
+    for case in calls:
+        assert outcome(lambda c: encode_event(**c), case) == outcome(
+            lambda c: reference_event_bytes(**c), case)
+
+
+def test_equal_but_different_arguments_do_not_share_a_cached_encoding() -> None:
+    # 1 == 1.0 == True, and hash alike: a cache keyed on them would mix them up.
+    for account in (1, 1.0, True, "1", 1):
+        case = arguments(account_id=account, key_arns=["arn:aws:kms:r::key/k"],
+                         recipient_account_id="a")
+        assert outcome(lambda c: encode_event(**c), case) == outcome(
+            lambda c: reference_event_bytes(**c), case)
