@@ -144,14 +144,14 @@ def _string_list(value: Any) -> Any:
 
 def _string_map(value: Any) -> Any:
     # Keys are data (encryption-context keys), not member names: kept verbatim.
-    if isinstance(value, Mapping):
+    if type(value) is dict or isinstance(value, Mapping):  # (the ABC check alone is slow)
         return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
     return _DROP
 
 
 def _structure(members: Mapping[str, _Render]) -> _Render:
     def render(value: Any) -> Any:
-        if not isinstance(value, Mapping):
+        if type(value) is not dict and not isinstance(value, Mapping):
             return _DROP
         return render_members(value, members)
     return render
@@ -169,9 +169,22 @@ def _structure_list(members: Mapping[str, _Render]) -> _Render:
 
 def log_name(member: str) -> str:
     """The CloudTrail spelling of a KMS member name: lower camel case (`KeyId` -> `keyId`)."""
+    if type(member) is str:  # (a subclass is spelled out, as it always was)
+        known = _LOG_NAMES.get(member)
+        if known is not None:
+            return known
+    return _spell(member)
+
+
+def _spell(member: str) -> str:
     if member == "AWSAccountId":  # kept as-is in keyMetadata (ct-createkey)
         return member
     return member[:1].lower() + member[1:]
+
+
+# The spelling of every allow-listed member, filled in below the lists: every request renders
+# a few members, and spelling each one out costs more than rendering its value.
+_LOG_NAMES: dict[str, str] = {}
 
 
 def render_members(values: Mapping[str, Any], allowed: Mapping[str, _Render]) -> dict[str, Any]:
@@ -188,6 +201,10 @@ def render_members(values: Mapping[str, Any], allowed: Mapping[str, _Render]) ->
 
 
 _TAG: Mapping[str, _Render] = {"TagKey": _scalar, "TagValue": _scalar}
+_RECIPIENT: Mapping[str, _Render] = {"KeyEncryptionAlgorithm": _scalar}
+_CONSTRAINTS: Mapping[str, _Render] = {"EncryptionContextSubset": _string_map,
+                                       "EncryptionContextEquals": _string_map,
+                                       "SourceArn": _scalar}
 
 # Request members that may appear in requestParameters, by KMS member name (a name means the
 # same thing in every operation that has it). Deliberately absent, and so never logged:
@@ -212,14 +229,13 @@ REQUEST_MEMBERS: Mapping[str, _Render] = {
     "SourceEncryptionAlgorithm": _scalar, "DestinationEncryptionAlgorithm": _scalar,
     "NumberOfBytes": _scalar, "MacAlgorithm": _scalar, "SigningAlgorithm": _scalar,
     "MessageType": _scalar, "KeyAgreementAlgorithm": _scalar, "EncapsulationAlgorithm": _scalar,
-    "Recipient": _structure({"KeyEncryptionAlgorithm": _scalar}),
+    "Recipient": _structure(_RECIPIENT),
     "GrantTokens": _string_list, "DryRun": _scalar, "DryRunModifiers": _string_list,
     # grants (grant tokens are documented by AWS as nonsecret)
     "GrantId": _scalar, "GrantToken": _scalar, "Name": _scalar, "GranteePrincipal": _scalar,
     "RetiringPrincipal": _scalar, "GranteeServicePrincipal": _scalar,
     "RetiringServicePrincipal": _scalar, "Operations": _string_list,
-    "Constraints": _structure({"EncryptionContextSubset": _string_map,
-                               "EncryptionContextEquals": _string_map, "SourceArn": _scalar}),
+    "Constraints": _structure(_CONSTRAINTS),
     # importing key material (the parameters, never the material or the token)
     "WrappingAlgorithm": _scalar, "WrappingKeySpec": _scalar, "ValidTo": _timestamp,
     "ExpirationModel": _scalar, "ImportType": _scalar, "KeyMaterialDescription": _scalar,
@@ -252,6 +268,11 @@ RESPONSE_MEMBERS: Mapping[str, _Render] = {
     "KeyMetadata": _structure(KEY_METADATA_SUMMARY),
     "ReplicaKeyMetadata": _structure(KEY_METADATA_SUMMARY),
 }
+
+_LOG_NAMES.update({name: _spell(name) for table in (REQUEST_MEMBERS, RESPONSE_MEMBERS,
+                                                    KEY_METADATA_SUMMARY, _TAG, _RECIPIENT,
+                                                    _CONSTRAINTS) for name in table})
+_LOG_NAMES.update({name: _spell(name) for names in DEFAULT_ALGORITHMS.values() for name in names})
 
 
 # -- the event -----------------------------------------------------------------------------------
@@ -519,6 +540,7 @@ def encode_event(
     return event.event_time, canonical_bytes(event.to_dict())
 
 
+_STR_ONLY = frozenset({str})
 _CACHE_LIMIT = 1024  # callers and key sets remembered; past that, start over
 _identity_texts: dict[tuple[str, str, str, str | None], str] = {}
 _resources_texts: dict[tuple[str, ...], str] = {}
@@ -547,7 +569,7 @@ def _identity_text(principal_arn: str, account_id: str, access_key_id: str,
 def _resources_text(account_id: str, key_arns: Sequence[str]) -> str:
     """The encoded `resources` list AuditEvent.to_dict() gives for these keys, remembered."""
     key = (account_id, *key_arns)
-    cacheable = all(type(part) is str for part in key)
+    cacheable = _STR_ONLY.issuperset(map(type, key))
     text = _resources_texts.get(key) if cacheable else None
     if text is None:
         text = canonical_text([Resource(_account_of(arn, account_id), arn).to_dict()
@@ -576,9 +598,10 @@ def _encode_event(operation: str, params: Mapping[str, Any],
     # build_event's steps, in its order; then AuditEvent.to_dict's members, in sorted order
     # (the canonical encoding sorts them: errorCode < errorMessage < eventCategory < ...).
     failed = error_code is not None
-    key_arn = _primary_key_arn(key_arns)
-    recipient = recipient_account_id or (_account_of(key_arn, account_id) if key_arn
-                                         else account_id)
+    recipient = recipient_account_id
+    if not recipient:  # (the request path always names it: no need to look for the key)
+        key_arn = _primary_key_arn(key_arns)
+        recipient = _account_of(key_arn, account_id) if key_arn else account_id
     identity = _identity_text(principal_arn, account_id, access_key_id, principal_id)
     time_text = format_event_time(event_time)
     parameters = request_parameters(operation, params, key_arns)

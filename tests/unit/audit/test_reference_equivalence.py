@@ -79,6 +79,29 @@ def test_event_time_cache_follows_the_clock() -> None:
         format_event_time(True)  # not a time, even though True == 1
 
 
+# -- member names ---------------------------------------------------------------------------------
+
+
+def reference_log_name(member: str) -> str:
+    if member == "AWSAccountId":
+        return member
+    return member[:1].lower() + member[1:]
+
+
+class Name(str):
+    pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.sampled_from(sorted(REQUEST_MEMBERS) + sorted(RESPONSE_MEMBERS)
+                                 + ["AWSAccountId", "CreationDate", "TagKey", "SourceArn"]),
+                 st.text()).flatmap(lambda name: st.sampled_from([name, Name(name)])))
+def test_log_names_equal_the_spelled_out_ones(member: str) -> None:
+    expected = reference_log_name(member)
+    spelled = record.log_name(member)
+    assert spelled == expected and type(spelled) is type(expected)
+
+
 # -- canonical encoding ---------------------------------------------------------------------------
 
 MAX_SAFE_INT = 2**53 - 1
