@@ -103,11 +103,11 @@ def format_event_time(epoch_seconds: float) -> str:
     if isinstance(epoch_seconds, bool) or not math.isfinite(epoch_seconds):
         raise ValueError(f"event time must be a finite number of seconds: {epoch_seconds!r}")
     second = math.floor(epoch_seconds)
+    if type(second) is not int:  # (an odd __floor__ only): not worth remembering
+        return datetime.fromtimestamp(second, UTC).strftime(EVENT_TIME_FORMAT)
     last_second, text = _last_event_time
-    if second == last_second:
-        return text
-    text = datetime.fromtimestamp(second, UTC).strftime(EVENT_TIME_FORMAT)
-    if type(second) is int:
+    if second != last_second:
+        text = datetime.fromtimestamp(second, UTC).strftime(EVENT_TIME_FORMAT)
         _last_event_time = (second, text)
     return text
 
