@@ -24,8 +24,9 @@ allow_nan=False)` for such values.
 
 The chain:
 - Each record carries its event as canonical bytes (`event_bytes`), encoded once by the
-  proposer (`AuditEntry.of`) and carried in the Raft command, so apply never JSON-encodes an
-  event: it hashes a small header and those bytes.
+  proposer (`AuditEntry.of`; API calls use `record.encode_event`, the same bytes built directly)
+  and carried in the Raft command, so apply never JSON-encodes an event: it hashes a small
+  header and those bytes.
 - `hash = SHA-256(b"kmsd-audit-chain-v1\\n" || canonical({"node", "prev_hash", "revoked",
   "seq"}) || b"\\n" || event_bytes)`, lowercase hex. It covers the sequence number, the
   previous record's hash, the node that served the request, the commit-time revocation flag
@@ -50,7 +51,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
-from json.encoder import encode_basestring_ascii
+from json.encoder import c_make_encoder, encode_basestring_ascii
 from typing import Any
 
 GENESIS_HASH = "0" * 64
@@ -88,20 +89,26 @@ def _describe(value: Any, path: str) -> str:
     return f"{type(value).__name__} has no canonical encoding (at {path})"
 
 
+_STR_ONLY = frozenset({str})
+
+
 def _check(value: Any) -> None:
     """Raise CanonicalEncodingError unless `value` holds only canonical JSON types."""
+    # Exact types only here, the common case, decided cheaply; anything else (a subclass, or
+    # something unencodable) goes to _describe, which is the definition.
     stack = [value]
+    pop, extend, keys_are_str = stack.pop, stack.extend, _STR_ONLY.issuperset
     while stack:
-        item = stack.pop()
+        item = pop()
         kind = type(item)
         if kind is str or kind is bool or item is None:
             continue
         if kind is dict:
-            stack.extend(item.values())
-            if not all(type(key) is str for key in item):
+            extend(item.values())
+            if not keys_are_str(map(type, item)):
                 break
         elif kind is list or kind is tuple:
-            stack.extend(item)
+            extend(item)
         elif kind is int:
             if not -MAX_SAFE_INT <= item <= MAX_SAFE_INT:
                 break
@@ -115,15 +122,35 @@ def _check(value: Any) -> None:
     # Only subclasses of the JSON types (a StrEnum, say) got here: they encode like their base.
 
 
-# json.dumps with options builds a new encoder per call; one shared instance is ~2x faster.
+# The options that give the canonical form. json.dumps with options builds a new encoder per
+# call, and even a shared JSONEncoder's encode() builds its C encoder (and a cycle-check dict)
+# on every call, which costs about as much as encoding a small event: build the C encoder once.
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                             allow_nan=False)
+if c_make_encoder is not None:
+    # Same arguments JSONEncoder.iterencode passes for these options, but no cycle check
+    # (markers None): _check has walked the whole value first, and it never finishes on a
+    # cyclic one, so what gets here is finite and the check could never fire.
+    _encode_chunks = c_make_encoder(None, _ENCODER.default, encode_basestring_ascii, None,
+                                    _ENCODER.key_separator, _ENCODER.item_separator,
+                                    True, False, False)
+
+    def _encode(value: Any) -> str:
+        return "".join(_encode_chunks(value, 0))
+else:  # no C accelerator: the pure-Python encoder, same output
+    _encode = _ENCODER.encode
+
+
+def canonical_text(value: Any) -> str:
+    """`canonical_bytes(value)` as a str (ASCII only): for building a larger encoding."""
+    _check(value)
+    return _encode(value)
 
 
 def canonical_bytes(value: Any) -> bytes:
     """The canonical encoding of a JSON-like value (see the module docstring)."""
     _check(value)
-    return _ENCODER.encode(value).encode("ascii")
+    return _encode(value).encode("ascii")
 
 
 def check_event_bytes(event_bytes: bytes) -> None:

@@ -2,11 +2,15 @@
 
 Owns: `AuditEvent`, one record shaped like the CloudTrail event AWS KMS writes for an API call,
 and `build_event`, which turns one request -- operation name, validated parameters, response or
-error, caller, request metadata, resolved key ARNs -- into such an event.
+error, caller, request metadata, resolved key ARNs -- into such an event; `encode_event`, which
+gives the same event's canonical bytes (`chain.canonical_bytes` of its dict) directly, for the
+request path.
 
 Never does:
 - read a clock, draw a random number or do I/O: the caller passes eventTime and eventID, so the
-  proposer decides them and every replica sees the same event;
+  proposer decides them and every replica sees the same event (what it remembers -- the last
+  second formatted, callers' and keys' encoded parts -- only saves work: same input, same
+  output);
 - put plaintext, ciphertext, a data key, a MAC, a signature, a message, a public or private key
   blob, import material, a password or any other secret into an event. requestParameters and
   responseElements are built through an *allow-list* keyed by member name (`REQUEST_MEMBERS`,
@@ -51,7 +55,10 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii
 from typing import Any
+
+from kmsd.audit.chain import canonical_bytes, canonical_text
 
 EVENT_VERSION = "1.08"
 EVENT_SOURCE = "kms.amazonaws.com"
@@ -84,11 +91,25 @@ DEFAULT_ALGORITHMS: Mapping[str, tuple[str, ...]] = {
 MAX_SAFE_INT = 2**53 - 1
 
 
+# The last second formatted and its text. Every request formats the current time, and a
+# datetime round trip costs more than the rest of format_event_time ten times over; requests
+# within one second share the text. One tuple, replaced whole: safe to share between threads.
+_last_event_time: tuple[int | None, str] = (None, "")
+
+
 def format_event_time(epoch_seconds: float) -> str:
     """`YYYY-MM-DDTHH:MM:SSZ` (UTC, whole seconds, truncated) for an epoch time."""
+    global _last_event_time
     if isinstance(epoch_seconds, bool) or not math.isfinite(epoch_seconds):
         raise ValueError(f"event time must be a finite number of seconds: {epoch_seconds!r}")
-    return datetime.fromtimestamp(math.floor(epoch_seconds), UTC).strftime(EVENT_TIME_FORMAT)
+    second = math.floor(epoch_seconds)
+    if type(second) is not int:  # (an odd __floor__ only): not worth remembering
+        return datetime.fromtimestamp(second, UTC).strftime(EVENT_TIME_FORMAT)
+    last_second, text = _last_event_time
+    if second != last_second:
+        text = datetime.fromtimestamp(second, UTC).strftime(EVENT_TIME_FORMAT)
+        _last_event_time = (second, text)
+    return text
 
 
 # -- allow-list renderers ------------------------------------------------------------------------
@@ -123,14 +144,14 @@ def _string_list(value: Any) -> Any:
 
 def _string_map(value: Any) -> Any:
     # Keys are data (encryption-context keys), not member names: kept verbatim.
-    if isinstance(value, Mapping):
+    if type(value) is dict or isinstance(value, Mapping):  # (the ABC check alone is slow)
         return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
     return _DROP
 
 
 def _structure(members: Mapping[str, _Render]) -> _Render:
     def render(value: Any) -> Any:
-        if not isinstance(value, Mapping):
+        if type(value) is not dict and not isinstance(value, Mapping):
             return _DROP
         return render_members(value, members)
     return render
@@ -148,9 +169,22 @@ def _structure_list(members: Mapping[str, _Render]) -> _Render:
 
 def log_name(member: str) -> str:
     """The CloudTrail spelling of a KMS member name: lower camel case (`KeyId` -> `keyId`)."""
+    if type(member) is str:  # (a subclass is spelled out, as it always was)
+        known = _LOG_NAMES.get(member)
+        if known is not None:
+            return known
+    return _spell(member)
+
+
+def _spell(member: str) -> str:
     if member == "AWSAccountId":  # kept as-is in keyMetadata (ct-createkey)
         return member
     return member[:1].lower() + member[1:]
+
+
+# The spelling of every allow-listed member, filled in below the lists: every request renders
+# a few members, and spelling each one out costs more than rendering its value.
+_LOG_NAMES: dict[str, str] = {}
 
 
 def render_members(values: Mapping[str, Any], allowed: Mapping[str, _Render]) -> dict[str, Any]:
@@ -167,6 +201,10 @@ def render_members(values: Mapping[str, Any], allowed: Mapping[str, _Render]) ->
 
 
 _TAG: Mapping[str, _Render] = {"TagKey": _scalar, "TagValue": _scalar}
+_RECIPIENT: Mapping[str, _Render] = {"KeyEncryptionAlgorithm": _scalar}
+_CONSTRAINTS: Mapping[str, _Render] = {"EncryptionContextSubset": _string_map,
+                                       "EncryptionContextEquals": _string_map,
+                                       "SourceArn": _scalar}
 
 # Request members that may appear in requestParameters, by KMS member name (a name means the
 # same thing in every operation that has it). Deliberately absent, and so never logged:
@@ -191,14 +229,13 @@ REQUEST_MEMBERS: Mapping[str, _Render] = {
     "SourceEncryptionAlgorithm": _scalar, "DestinationEncryptionAlgorithm": _scalar,
     "NumberOfBytes": _scalar, "MacAlgorithm": _scalar, "SigningAlgorithm": _scalar,
     "MessageType": _scalar, "KeyAgreementAlgorithm": _scalar, "EncapsulationAlgorithm": _scalar,
-    "Recipient": _structure({"KeyEncryptionAlgorithm": _scalar}),
+    "Recipient": _structure(_RECIPIENT),
     "GrantTokens": _string_list, "DryRun": _scalar, "DryRunModifiers": _string_list,
     # grants (grant tokens are documented by AWS as nonsecret)
     "GrantId": _scalar, "GrantToken": _scalar, "Name": _scalar, "GranteePrincipal": _scalar,
     "RetiringPrincipal": _scalar, "GranteeServicePrincipal": _scalar,
     "RetiringServicePrincipal": _scalar, "Operations": _string_list,
-    "Constraints": _structure({"EncryptionContextSubset": _string_map,
-                               "EncryptionContextEquals": _string_map, "SourceArn": _scalar}),
+    "Constraints": _structure(_CONSTRAINTS),
     # importing key material (the parameters, never the material or the token)
     "WrappingAlgorithm": _scalar, "WrappingKeySpec": _scalar, "ValidTo": _timestamp,
     "ExpirationModel": _scalar, "ImportType": _scalar, "KeyMaterialDescription": _scalar,
@@ -231,6 +268,11 @@ RESPONSE_MEMBERS: Mapping[str, _Render] = {
     "KeyMetadata": _structure(KEY_METADATA_SUMMARY),
     "ReplicaKeyMetadata": _structure(KEY_METADATA_SUMMARY),
 }
+
+_LOG_NAMES.update({name: _spell(name) for table in (REQUEST_MEMBERS, RESPONSE_MEMBERS,
+                                                    KEY_METADATA_SUMMARY, _TAG, _RECIPIENT,
+                                                    _CONSTRAINTS) for name in table})
+_LOG_NAMES.update({name: _spell(name) for names in DEFAULT_ALGORITHMS.values() for name in names})
 
 
 # -- the event -----------------------------------------------------------------------------------
@@ -444,3 +486,150 @@ def build_event(
         error_message=(error_message or "") if failed else None,
         resources=tuple(Resource(_account_of(arn, account_id), arn) for arn in key_arns),
     )
+
+
+# -- the event as the chain stores it ------------------------------------------------------------
+
+def encode_event(
+    *,
+    operation: str,
+    params: Mapping[str, Any],
+    response: Mapping[str, Any] | None,
+    error_code: str | None,
+    error_message: str | None,
+    principal_arn: str,
+    account_id: str,
+    access_key_id: str,
+    region: str,
+    source_ip: str,
+    user_agent: str,
+    request_id: str,
+    event_id: str,
+    event_time: float,
+    key_arns: Sequence[str] = (),
+    principal_id: str | None = None,
+    recipient_account_id: str | None = None,
+) -> tuple[str, bytes]:
+    """`(eventTime, canonical_bytes(build_event(...).to_dict()))` for the same arguments.
+
+    The request path needs only these two, and building the frozen event, its dict, then
+    checking and encoding the dict was most of the CPU an audit record cost. Here the member
+    names are fixed text, the parts that repeat request after request (the caller's
+    userIdentity, the keys' resources) are encoded once and reused, and only the values are
+    escaped. requestParameters and responseElements come from `request_parameters` and
+    `response_elements`, the allow-lists, exactly as in build_event.
+
+    Anything out of the ordinary -- a value that is not a str where one belongs, an argument
+    the shortcut does not expect -- falls back to the plain path, which gives the bytes or
+    raises the error the plain path always did.
+    """
+    if type(key_arns) is list or type(key_arns) is tuple:  # read more than once below
+        try:
+            return _encode_event(operation, params, response, error_code, error_message,
+                                 principal_arn, account_id, access_key_id, region, source_ip,
+                                 user_agent, request_id, event_id, event_time, key_arns,
+                                 principal_id, recipient_account_id)
+        except Exception:  # the plain path below raises it again (or, if unusual, succeeds)
+            pass
+    event = build_event(
+        operation=operation, params=params, response=response, error_code=error_code,
+        error_message=error_message, principal_arn=principal_arn, account_id=account_id,
+        access_key_id=access_key_id, region=region, source_ip=source_ip, user_agent=user_agent,
+        request_id=request_id, event_id=event_id, event_time=event_time, key_arns=key_arns,
+        principal_id=principal_id, recipient_account_id=recipient_account_id)
+    return event.event_time, canonical_bytes(event.to_dict())
+
+
+_STR_ONLY = frozenset({str})
+_CACHE_LIMIT = 1024  # callers and key sets remembered; past that, start over
+_identity_texts: dict[tuple[str, str, str, str | None], str] = {}
+_resources_texts: dict[tuple[str, ...], str] = {}
+
+
+def _identity_text(principal_arn: str, account_id: str, access_key_id: str,
+                   principal_id: str | None) -> str:
+    """canonical_text(user_identity(...).to_dict()), remembered per caller."""
+    if (type(principal_arn) is not str or type(account_id) is not str
+            or type(access_key_id) is not str
+            or (principal_id is not None and type(principal_id) is not str)):
+        # Only exact strs as the cache key: equal keys must mean equal encodings (1 == 1.0).
+        return canonical_text(user_identity(principal_arn, account_id, access_key_id,
+                                            principal_id).to_dict())
+    key = (principal_arn, account_id, access_key_id, principal_id)
+    text = _identity_texts.get(key)
+    if text is None:
+        text = canonical_text(user_identity(principal_arn, account_id, access_key_id,
+                                            principal_id).to_dict())
+        if len(_identity_texts) >= _CACHE_LIMIT:
+            _identity_texts.clear()
+        _identity_texts[key] = text
+    return text
+
+
+def _resources_text(account_id: str, key_arns: Sequence[str]) -> str:
+    """The encoded `resources` list AuditEvent.to_dict() gives for these keys, remembered."""
+    key = (account_id, *key_arns)
+    cacheable = _STR_ONLY.issuperset(map(type, key))
+    text = _resources_texts.get(key) if cacheable else None
+    if text is None:
+        text = canonical_text([Resource(_account_of(arn, account_id), arn).to_dict()
+                               for arn in key_arns])
+        if cacheable:
+            if len(_resources_texts) >= _CACHE_LIMIT:
+                _resources_texts.clear()
+            _resources_texts[key] = text
+    return text
+
+
+# The members that never vary (AuditEvent's defaults, which build_event keeps), pre-encoded.
+_EVENT_CATEGORY = encode_basestring_ascii(EVENT_CATEGORY)
+_EVENT_SOURCE = encode_basestring_ascii(EVENT_SOURCE)
+_EVENT_TYPE = encode_basestring_ascii(EVENT_TYPE)
+_EVENT_VERSION = encode_basestring_ascii(EVENT_VERSION)
+
+
+def _encode_event(operation: str, params: Mapping[str, Any],
+                  response: Mapping[str, Any] | None, error_code: str | None,
+                  error_message: str | None, principal_arn: str, account_id: str,
+                  access_key_id: str, region: str, source_ip: str, user_agent: str,
+                  request_id: str, event_id: str, event_time: float,
+                  key_arns: list[str] | tuple[str, ...], principal_id: str | None,
+                  recipient_account_id: str | None) -> tuple[str, bytes]:
+    # build_event's steps, in its order; then AuditEvent.to_dict's members, in sorted order
+    # (the canonical encoding sorts them: errorCode < errorMessage < eventCategory < ...).
+    failed = error_code is not None
+    recipient = recipient_account_id
+    if not recipient:  # (the request path always names it: no need to look for the key)
+        key_arn = _primary_key_arn(key_arns)
+        recipient = _account_of(key_arn, account_id) if key_arn else account_id
+    identity = _identity_text(principal_arn, account_id, access_key_id, principal_id)
+    time_text = format_event_time(event_time)
+    parameters = request_parameters(operation, params, key_arns)
+    elements = None if failed else response_elements(operation, response, key_arns)
+    read_only = is_read_only(operation)
+    if read_only is not True and read_only is not False:
+        raise TypeError("readOnly is not a bool")  # (a str subclass's startswith): plain path
+    escape = encode_basestring_ascii  # raises TypeError on a non-str: the plain path decides
+    errors = (f',"errorCode":{escape(error_code)},"errorMessage":{escape(error_message or "")}'
+              if failed else "")
+    resources = f',"resources":{_resources_text(account_id, key_arns)}' if key_arns else ""
+    text = (
+        f'{{"awsRegion":{escape(region)}{errors}'
+        f',"eventCategory":{_EVENT_CATEGORY}'
+        f',"eventID":{escape(event_id)}'
+        f',"eventName":{escape(operation)}'
+        f',"eventSource":{_EVENT_SOURCE}'
+        f',"eventTime":{escape(time_text)}'
+        f',"eventType":{_EVENT_TYPE}'
+        f',"eventVersion":{_EVENT_VERSION}'
+        f',"managementEvent":true'
+        f',"readOnly":{"true" if read_only else "false"}'
+        f',"recipientAccountId":{escape(recipient)}'
+        f',"requestID":{escape(request_id)}'
+        f',"requestParameters":{"null" if parameters is None else canonical_text(parameters)}'
+        f'{resources}'
+        f',"responseElements":{"null" if elements is None else canonical_text(elements)}'
+        f',"sourceIPAddress":{escape(source_ip)}'
+        f',"userAgent":{escape(user_agent)}'
+        f',"userIdentity":{identity}}}')
+    return time_text, text.encode("ascii")
