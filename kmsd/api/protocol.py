@@ -25,6 +25,7 @@ import structlog
 from aiohttp import ClientPayloadError, web
 
 from cluster.state import key_arn
+from kmsd import log_setup
 from kmsd.api.operations import OPERATIONS
 from kmsd.api.validation import RequestValidator
 from kmsd.audit.chain import AuditEntry, ChainedRecord
@@ -144,7 +145,8 @@ class KmsProtocol:
         target = request.headers.get("X-Amz-Target", "")
         operation = target[len(TARGET_PREFIX):] if target.startswith(TARGET_PREFIX) else ""
         exchange = _Exchange(str(uuid.uuid4()), operation)
-        structlog.contextvars.bind_contextvars(request_id=exchange.request_id)
+        # For anything logged while serving; the access line below names it itself.
+        request_id_token = log_setup.REQUEST_ID.set(exchange.request_id)
         body: dict[str, Any] | None = None
         error: KmsError | None = None
         try:
@@ -168,14 +170,17 @@ class KmsProtocol:
         response = (json_response(body, exchange.request_id) if error is None
                     else error_response(error, exchange.request_id))
         known = operation if operation in self.validator.operation_names else "Unknown"
-        self.on_request(known, error.error_type if error else "ok",
-                        time.perf_counter() - started)
-        log.info("request", operation=operation or target[:64],
-                 outcome=error.error_type if error else "ok", status=response.status,
-                 principal=exchange.caller.principal_arn if exchange.caller else None,
-                 keys=[k for k, _ in exchange.context.decisions] if exchange.context else [],
-                 ms=round((time.perf_counter() - started) * 1000, 3), source_ip=request.remote)
-        structlog.contextvars.unbind_contextvars("request_id")
+        outcome = error.error_type if error else "ok"
+        elapsed = time.perf_counter() - started
+        self.on_request(known, outcome, elapsed)
+        log_setup.info_line({
+            "event": "request", "operation": operation or target[:64], "outcome": outcome,
+            "status": response.status,
+            "principal": exchange.caller.principal_arn if exchange.caller else None,
+            "keys": [k for k, _ in exchange.context.decisions] if exchange.context else [],
+            "ms": round(elapsed * 1000, 3), "source_ip": request.remote,
+            "request_id": exchange.request_id})
+        log_setup.REQUEST_ID.reset(request_id_token)
         return response
 
     async def _serve(self, request: web.Request, exchange: _Exchange) -> dict[str, Any]:
