@@ -242,7 +242,7 @@ class SigV4Verifier:
             request.method.upper(),
             canonical_path(request.path),
             canonical_query(request.query_string),
-            "".join(f"{n}:{','.join(_trimall(v) for v in values(n))}\n" for n in names),
+            "".join([f"{n}:{','.join(map(_trimall, values(n)))}\n" for n in names]),
             ";".join(names),
             body_hash,
         ])
