@@ -23,6 +23,20 @@ ACCESS = {"event": "request", "operation": "Decrypt", "outcome": "ok", "status":
           "source_ip": "127.0.0.1", "request_id": "r-1"}
 
 
+@pytest.fixture(autouse=True)
+def restored(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """configure() changes process-wide state: put it back for the tests that follow."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    for name in ("_node", "_min_level", "_configured"):
+        monkeypatch.setattr(log_setup, name, getattr(log_setup, name))
+    monkeypatch.setattr(log_setup._out, "stream", log_setup._out.stream)
+    yield
+    log_setup.flush()
+    structlog.reset_defaults()
+    root.handlers[:], root.level = handlers, level
+
+
 @pytest.fixture
 def out() -> Iterator[io.StringIO]:
     stream = io.StringIO()
@@ -62,11 +76,8 @@ def test_timestamps_keep_their_microseconds_within_a_second() -> None:
 def test_below_the_configured_level_the_access_line_is_not_written() -> None:
     stream = io.StringIO()
     log_setup.configure("node-7", level=logging.WARNING, stream=stream)
-    try:
-        log_setup.info_line(dict(ACCESS))
-        structlog.get_logger("t").warning("kept")
-    finally:
-        log_setup.configure("node-7", stream=io.StringIO())
+    log_setup.info_line(dict(ACCESS))
+    structlog.get_logger("t").warning("kept")
     assert [line["event"] for line in lines(stream)] == ["kept"]
 
 
