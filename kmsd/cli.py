@@ -37,7 +37,7 @@ def _cmd_api_worker(args: argparse.Namespace) -> int:
     from kmsd.api_workers.worker import serve_worker
 
     cfg = config_module.load(args.config)
-    log_setup.configure(cfg.node_id)
+    log_setup.configure(cfg.node_id, process_fields={"api_worker": args.index})
     asyncio.run(serve_worker(cfg, args.fd, args.index))
     return 0
 

@@ -99,10 +99,23 @@ class NodeMetrics:
             "kmsd_audit_commit_failures", "Audit records that could not be committed.",
             registry=registry)
         registry.register(_StateCollector(facts))
+        # The labelled children of the request metrics. labels() validates the names and
+        # takes the metric's lock on every call; the children never change once made (no
+        # metric here is ever cleared), so each is looked up once.
+        self._request_counts: dict[tuple[str, str], Any] = {}
+        self._request_durations: dict[str, Any] = {}
 
     def observe_request(self, operation: str, outcome: str, seconds: float) -> None:
-        self.requests.labels(operation, outcome).inc()
-        self.request_duration.labels(operation).observe(seconds)
+        count = self._request_counts.get((operation, outcome))
+        if count is None:
+            count = self._request_counts[operation, outcome] = self.requests.labels(
+                operation, outcome)
+        count.inc()
+        duration = self._request_durations.get(operation)
+        if duration is None:
+            duration = self._request_durations[operation] = self.request_duration.labels(
+                operation)
+        duration.observe(seconds)
 
     def observe_hsm(self, call: str, seconds: float, failed: bool) -> None:
         self.hsm_duration.labels(call).observe(seconds)

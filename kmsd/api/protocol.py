@@ -18,12 +18,14 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from json.encoder import c_make_encoder, encode_basestring_ascii
 from typing import Any
 
 import structlog
 from aiohttp import ClientPayloadError, web
 
 from cluster.state import key_arn
+from kmsd import log_setup
 from kmsd.api.operations import OPERATIONS
 from kmsd.api.validation import RequestValidator
 from kmsd.audit.chain import ChainedRecord
@@ -64,18 +66,30 @@ log = structlog.get_logger("kmsd.api")
 
 
 def _jsonable(value: Any) -> Any:
+    """Blobs are base64 text in the JSON protocol; the encoder asks only for those."""
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _make_encoder() -> Callable[[Any], str]:
+    # One C encoder, built once: json.dumps builds one per call, which costs about as
+    # much as encoding a response, and walking the body for blobs beforehand as much
+    # again. Same output as json.dumps(separators=(",", ":")). No circular-reference
+    # markers (a shared markers dict would keep stale entries after a failed encode):
+    # a body is plain dicts and lists built per request.
+    if c_make_encoder is None:  # an interpreter without the C accelerator
+        return json.JSONEncoder(separators=(",", ":"), default=_jsonable).encode
+    encode = c_make_encoder(None, _jsonable, encode_basestring_ascii, None, ":", ",",
+                            False, False, True)
+    return lambda body: "".join(encode(body, 0))
+
+
+_encode = _make_encoder()
 
 
 def json_response(body: dict[str, Any], request_id: str, status: int = 200) -> web.Response:
-    return web.Response(body=json.dumps(_jsonable(body), separators=(",", ":")).encode(),
-                        status=status, content_type=CONTENT_TYPE,
+    return web.Response(body=_encode(body).encode(), status=status, content_type=CONTENT_TYPE,
                         headers={"x-amzn-RequestId": request_id})
 
 
@@ -84,10 +98,10 @@ def error_response(error: KmsError, request_id: str) -> web.Response:
 
 
 def signed_request(request: web.Request, body: bytes) -> SignedRequest:
+    # The parsed headers as they are (a case-insensitive multidict): the verifier looks up
+    # the few it needs instead of every header being copied and decoded per request.
     return SignedRequest(method=request.method, path=request.raw_path.split("?", 1)[0],
-                         query_string=request.query_string,
-                         headers=tuple((name.decode("latin-1"), value.decode("utf-8", "replace"))
-                                        for name, value in request.raw_headers),
+                         query_string=request.query_string, headers=request.headers,
                          body=body)
 
 
@@ -144,7 +158,8 @@ class KmsProtocol:
         target = request.headers.get("X-Amz-Target", "")
         operation = target[len(TARGET_PREFIX):] if target.startswith(TARGET_PREFIX) else ""
         exchange = _Exchange(new_uuid(), operation)
-        structlog.contextvars.bind_contextvars(request_id=exchange.request_id)
+        # For anything logged while serving; the access line below names it itself.
+        request_id_token = log_setup.REQUEST_ID.set(exchange.request_id)
         body: dict[str, Any] | None = None
         error: KmsError | None = None
         try:
@@ -168,14 +183,17 @@ class KmsProtocol:
         response = (json_response(body, exchange.request_id) if error is None
                     else error_response(error, exchange.request_id))
         known = operation if operation in self.validator.operation_names else "Unknown"
-        self.on_request(known, error.error_type if error else "ok",
-                        time.perf_counter() - started)
-        log.info("request", operation=operation or target[:64],
-                 outcome=error.error_type if error else "ok", status=response.status,
-                 principal=exchange.caller.principal_arn if exchange.caller else None,
-                 keys=[k for k, _ in exchange.context.decisions] if exchange.context else [],
-                 ms=round((time.perf_counter() - started) * 1000, 3), source_ip=request.remote)
-        structlog.contextvars.unbind_contextvars("request_id")
+        outcome = error.error_type if error else "ok"
+        elapsed = time.perf_counter() - started
+        self.on_request(known, outcome, elapsed)
+        log_setup.info_line({
+            "event": "request", "operation": operation or target[:64], "outcome": outcome,
+            "status": response.status,
+            "principal": exchange.caller.principal_arn if exchange.caller else None,
+            "keys": [k for k, _ in exchange.context.decisions] if exchange.context else [],
+            "ms": round(elapsed * 1000, 3), "source_ip": request.remote,
+            "request_id": exchange.request_id})
+        log_setup.REQUEST_ID.reset(request_id_token)
         return response
 
     async def _serve(self, request: web.Request, exchange: _Exchange) -> dict[str, Any]:

@@ -362,7 +362,6 @@ class ApiWorker:
 
 
 async def serve_worker(config: NodeConfig, fd: int, index: int) -> None:
-    structlog.contextvars.bind_contextvars(api_worker=index)
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=2**20)
     worker = ApiWorker(config, index, reader, writer)

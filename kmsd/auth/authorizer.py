@@ -19,6 +19,7 @@ from typing import Any
 
 from cluster.state import GrantRecord, KeyRecord, KmsState, PrincipalRecord
 from kmsd.auth.policy import (
+    Authorization,
     Decision,
     DenialReason,
     Policy,
@@ -78,6 +79,7 @@ class Authorizer:
     def __init__(self, state: KmsState, cache_size: int = 1024) -> None:
         self.state = state
         self._parsed: OrderedDict[tuple[str, PolicyKind], Policy] = OrderedDict()
+        self._verdicts: dict[tuple[Any, ...], Authorization] = {}
         self._cache_size = cache_size
 
     def _policy(self, document: str, kind: PolicyKind) -> Policy:
@@ -92,20 +94,21 @@ class Authorizer:
             self._parsed.move_to_end(cache_key)
         return policy
 
-    def _identity_policies(self, principal_arn: str) -> list[Policy]:
-        principal: PrincipalRecord | None = self.state.principals.get(principal_arn)
+    def _identity_policies(self, principal: PrincipalRecord | None) -> list[Policy]:
         if principal is None:
             return []
         return [self._policy(doc, PolicyKind.IDENTITY) for _, doc in principal.policies]
 
     def facts(self, ctx: RequestContext, operation: str, record: KeyRecord | None,
-              params: Mapping[str, Any]) -> RequestFacts:
+              params: Mapping[str, Any], with_context: bool = True) -> RequestFacts:
+        """The request as policies see it; without its condition keys if not `with_context`
+        (for policies with no Condition, which never read them)."""
         return RequestFacts(
             principal_arn=ctx.caller.principal_arn,
             principal_account=ctx.caller.account_id,
             action=f"kms:{operation}",
             resource=record.arn if record is not None else "*",
-            context=self._conditions(ctx, operation, record, params))
+            context=self._conditions(ctx, operation, record, params) if with_context else {})
 
     def _conditions(self, ctx: RequestContext, operation: str, record: KeyRecord | None,
                     params: Mapping[str, Any]) -> dict[str, Any]:
@@ -158,20 +161,56 @@ class Authorizer:
     def check(self, ctx: RequestContext, operation: str, record: KeyRecord | None,
               params: Mapping[str, Any]) -> None:
         """Allow, or raise AccessDeniedException. Records (key, epoch) of an allow."""
-        facts = self.facts(ctx, operation, record, params)
-        identity = self._identity_policies(ctx.caller.principal_arn)
+        principal = self.state.principals.get(ctx.caller.principal_arn)
+        identity = self._identity_policies(principal)
+        # Gathering the condition keys (encryption context, the key's aliases and tags, the
+        # time...) is most of the cost of a decision; without a Condition nothing reads them.
         if record is None:
+            facts = self.facts(ctx, operation, None, params,
+                               with_context=any(p.conditional for p in identity))
             self._check_without_key(ctx, facts, identity)
             return
-        verdict = check_access(self._policy(record.policy, PolicyKind.KEY), identity, facts)
+        key_policy = self._policy(record.policy, PolicyKind.KEY)
+        facts: RequestFacts | None = None
+        if key_policy.conditional or any(p.conditional for p in identity):
+            facts = self.facts(ctx, operation, record, params)
+            verdict = check_access(key_policy, identity, facts)
+        else:
+            verdict = self._unconditional_verdict(ctx, operation, record, params, key_policy,
+                                                  principal, identity)
         if verdict.decision != Decision.ALLOW:
             context = params.get("EncryptionContext") or params.get("SourceEncryptionContext")
             if verdict.decision == Decision.EXPLICIT_DENY or not self._granted(
                     ctx, operation, record, context, params.get("GrantTokens") or ()):
                 assert verdict.reason is not None
+                facts = facts or self.facts(ctx, operation, record, params, with_context=False)
                 raise AccessDeniedException(access_denied_message(facts, verdict.reason))
         ctx.decisions.append((record.key_id, record.epoch))
         ctx.authorized.append((operation, record.key_id))
+
+    def _unconditional_verdict(self, ctx: RequestContext, operation: str, record: KeyRecord,
+                               params: Mapping[str, Any], key_policy: Policy,
+                               principal: PrincipalRecord | None,
+                               identity: list[Policy]) -> Authorization:
+        """check_access for policies without a Condition, remembered.
+
+        Such a verdict depends on nothing but the policy documents and who asks for which
+        action on which key, so those (the documents themselves, not a version of them)
+        are the cache key: an edited policy or a caller's changed identity policies are a
+        different key, and a stale verdict cannot be found.
+        """
+        cache_key = (record.policy, principal.policies if principal is not None else (),
+                     ctx.caller.principal_arn, ctx.caller.account_id, operation, record.arn)
+        verdict = self._verdicts.get(cache_key)
+        if verdict is None:
+            facts = self.facts(ctx, operation, record, params, with_context=False)
+            verdict = check_access(key_policy, identity, facts)
+            if len(self._verdicts) >= self._cache_size:
+                # Insertion order makes the first the oldest; pop with a default so that
+                # two threads evicting the same entry cannot fail.
+                self._verdicts.pop(next(iter(self._verdicts)), None)
+            self._verdicts[cache_key] = verdict
+        return verdict
 
     def _check_without_key(self, ctx: RequestContext, facts: RequestFacts,
                            identity: list[Policy]) -> None:

@@ -32,6 +32,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import lru_cache
 from typing import Any
 
 from kmsd.auth.policy_conditions import (
@@ -114,6 +115,12 @@ class Policy:
     id: str | None
     statements: tuple[Statement, ...]
     kind: PolicyKind
+    # Whether any statement has a Condition. Without one no decision reads the request
+    # context, so the authorizer need not gather it (the default key policy has none).
+    conditional: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "conditional", any(s.conditions for s in self.statements))
 
 
 @dataclass(frozen=True)
@@ -302,12 +309,14 @@ class _Match(Enum):
     ACCOUNT = 2   # the statement names the caller's account
 
 
-def _caller_arns(arn: str) -> set[str]:
+@lru_cache(maxsize=1024)
+def _caller_arns(arn: str) -> frozenset[str]:
     # A role session acts as its role: a key policy naming the role applies to it.
     # (The session ARN drops the role's path, so only path-less role ARNs are recovered.)
+    # Cached: a pure function of the caller, asked for each statement of each request.
     if m := _SESSION.fullmatch(arn):
-        return {arn, f"arn:{m[1]}:iam::{m[2]}:role/{m[3]}"}
-    return {arn}
+        return frozenset({arn, f"arn:{m[1]}:iam::{m[2]}:role/{m[3]}"})
+    return frozenset({arn})
 
 
 def _is_root(facts: RequestFacts) -> bool:
@@ -341,6 +350,8 @@ def _listed(patterns: tuple[str, ...] | None, negated: tuple[str, ...] | None,
     """Action/NotAction or Resource/NotResource. `unresolved` is what a pattern holding a
     policy variable counts as (None: variables are literal text)."""
     def hit(pattern: str, if_variable: bool) -> bool:
+        if pattern == "*":  # the commonest pattern matches anything, and has no variable
+            return True
         if unresolved is not None and _VARIABLE.search(pattern):
             return if_variable
         if fold:
