@@ -1,0 +1,301 @@
+#!/usr/bin/env python3
+"""CPU cost of committing audit batches through a 3-node Raft cluster, per record.
+
+Starts three `cluster.raft_node.RaftNode`s, each in its own process (spawned, so
+each has its own GIL, as real nodes do), on 127.0.0.1 with temporary data dirs,
+and drives the leader with AppendAudit commands shaped like the ones
+`kmsd.audit.committer.AuditCommitter` proposes: each record is a real canonical
+CloudTrail-shaped Decrypt event (kmsd.audit.record.build_event, unique ids),
+the serving node, one (key id, epoch) decision and a usage tuple.
+
+Two workloads:
+
+- `seq` (default): one batch in flight, every batch `--records` records, as the
+  committer does when it is saturated. Isolates the cost of one commit.
+- `committer`: an AuditCommitter on the leader with `--concurrency` clients
+  calling commit() in a loop, each first spinning `--work-us` µs on the event
+  loop (the rest of a request's handling), so batch sizes form as they do live.
+
+Each process reports its own CPU time (getrusage, every thread of it); the
+script sums the three deltas over the measured window (from just before the
+first submit to the moment both followers have applied the last entry) and
+divides by the records committed. Log compaction is pushed out of the window.
+
+    PYTHONPATH=. .venv/bin/python bench/raft_batch_cost.py                 # seq, 10/batch
+    PYTHONPATH=. .venv/bin/python bench/raft_batch_cost.py --records 1,10,50
+    PYTHONPATH=. .venv/bin/python bench/raft_batch_cost.py --mode committer --concurrency 64
+
+The machine is shared: run several repeats and compare medians taken in one run.
+It reports, it never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_DIR not in sys.path:
+    sys.path.insert(0, REPO_DIR)
+
+ACCOUNT = "111122223333"
+REGION = "us-west-2"
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _record(node: str, index: int) -> tuple[bytes, str, tuple[tuple[str, int], ...],
+                                            tuple[str, ...]]:
+    """One audit item as the API layer hands it to the committer."""
+    from kmsd.audit.chain import AuditEntry
+    from kmsd.audit.record import build_event
+
+    key_id = str(uuid.uuid4())
+    request_id, event_id = str(uuid.uuid4()), str(uuid.uuid4())
+    event = build_event(
+        operation="Decrypt",
+        params={"CiphertextBlob": b"\x01" * 180, "EncryptionContext": {"app": "bench"}},
+        response=None, error_code=None, error_message=None,
+        principal_arn=f"arn:aws:iam::{ACCOUNT}:user/bench-{index % 7}",
+        account_id=ACCOUNT, access_key_id="AKIAEXAMPLEBENCH0001", region=REGION,
+        source_ip=f"192.0.2.{index % 250}", user_agent="Boto3/1.40.0 md/Botocore#1.40.0",
+        request_id=request_id, event_id=event_id, event_time=1_700_000_000.0 + index,
+        key_arns=(f"arn:aws:kms:{REGION}:{ACCOUNT}:key/{key_id}",))
+    entry = AuditEntry.of(event.to_dict(), node)
+    usage = (key_id, "Decrypt", event.to_dict()["eventTime"], event_id, request_id)
+    return entry.event_bytes, node, ((key_id, 1),), usage
+
+
+# -- the node process ----------------------------------------------------------------------
+
+def _node_main(conn: Any, address: str, peers: list[str], data_dir: str, password: str) -> None:
+    asyncio.run(_node_loop(conn, address, peers, data_dir, password))
+
+
+async def _node_loop(conn: Any, address: str, peers: list[str], data_dir: str,
+                     password: str) -> None:
+    from cluster import commands
+    from cluster.raft_node import RaftNode, RaftSettings
+    from cluster.state import KmsState
+    from kmsd.audit.committer import AuditCommitter
+
+    state = KmsState()
+    node = RaftNode(RaftSettings(self_address=address, peer_addresses=tuple(peers),
+                                 data_dir=data_dir, password=password,
+                                 compaction_min_entries=10**7,
+                                 compaction_min_seconds=10.0**6), state)
+    node.start()
+    loop = asyncio.get_running_loop()
+    prepared: list[Any] = []
+    try:
+        while True:
+            request = await loop.run_in_executor(None, conn.recv)
+            what = request[0]
+            if what == "stop":
+                conn.send(None)
+                return
+            if what == "status":
+                status = node.status()
+                conn.send({"leader": node.is_leader, "has_leader": node.has_leader,
+                           "applied": status.get("applied_index", 0),
+                           "commit": status.get("commit_index", 0)})
+            elif what == "cpu":
+                conn.send(_cpu_seconds())
+            elif what == "prepare":
+                params = request[1]
+                items = [_record(address, i) for i in range(params["total_records"])]
+                prepared = [params, items]
+                conn.send(sum(len(item[0]) for item in items) / len(items))
+            elif what == "run":
+                params, items = prepared
+                started = time.perf_counter()
+                if params["mode"] == "seq":
+                    result = await _run_seq(node, commands, items, params)
+                else:
+                    result = await _run_committer(node, AuditCommitter, items, params)
+                result["wall_seconds"] = time.perf_counter() - started
+                conn.send(result)
+            else:
+                conn.send({"error": f"unknown request {what}"})
+    finally:
+        node.stop()
+
+
+async def _run_seq(node: Any, commands: Any, items: list[Any],
+                   params: dict[str, Any]) -> dict[str, Any]:
+    per_batch = params["records"]
+    batches = [commands.AppendAudit(tuple(items[i:i + per_batch]))
+               for i in range(0, len(items), per_batch)]
+    for command in batches:
+        await node.submit(command, timeout=10)
+    return {"records": len(items), "batches": len(batches)}
+
+
+async def _run_committer(node: Any, committer_class: Any, items: list[Any],
+                         params: dict[str, Any]) -> dict[str, Any]:
+    committer = committer_class(node, timeout=10)
+    work = params["work_us"] / 1e6
+    queue = list(reversed(items))
+
+    async def client() -> None:
+        while queue:
+            item = queue.pop()
+            if work:
+                until = time.perf_counter() + work
+                while time.perf_counter() < until:
+                    pass
+            await committer.commit(item)
+            # A real request yields to the loop between its handler's steps.
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(client() for _ in range(params["concurrency"])))
+    metrics = committer.metrics.as_dict()
+    return {"records": metrics["records"], "batches": metrics["batches"],
+            "mean_batch": metrics["mean_batch_size"], "mean_commit_ms": metrics["mean_commit_ms"]}
+
+
+# -- the driver ----------------------------------------------------------------------------
+
+class Cluster:
+    def __init__(self, port_base: int, password: str) -> None:
+        self.dir = tempfile.mkdtemp(prefix="raft-batch-cost-")
+        self.addresses = [f"127.0.0.1:{port_base + i}" for i in range(3)]
+        context = multiprocessing.get_context("spawn")
+        self.conns: list[Any] = []
+        self.processes: list[Any] = []
+        for i, address in enumerate(self.addresses):
+            parent, child = context.Pipe()
+            peers = [a for a in self.addresses if a != address]
+            process = context.Process(target=_node_main, daemon=True, args=(
+                child, address, peers, os.path.join(self.dir, f"node{i}"), password))
+            process.start()
+            self.conns.append(parent)
+            self.processes.append(process)
+
+    def ask(self, index: int, *request: Any) -> Any:
+        self.conns[index].send(request)
+        return self.conns[index].recv()
+
+    def ask_all(self, *request: Any) -> list[Any]:
+        for conn in self.conns:
+            conn.send(request)
+        return [conn.recv() for conn in self.conns]
+
+    def wait_leader(self, seconds: float = 60.0) -> int:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            statuses = self.ask_all("status")
+            leaders = [i for i, s in enumerate(statuses) if s["leader"]]
+            if len(leaders) == 1 and all(s["has_leader"] for s in statuses):
+                return leaders[0]
+            time.sleep(0.2)
+        raise SystemExit("no leader elected")
+
+    def wait_applied(self, seconds: float = 30.0) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            statuses = self.ask_all("status")
+            target = max(s["commit"] for s in statuses)
+            if all(s["applied"] >= target for s in statuses):
+                return
+            time.sleep(0.002)
+        raise SystemExit("followers did not catch up")
+
+    def stop(self) -> None:
+        for index, process in enumerate(self.processes):
+            try:
+                self.ask(index, "stop")
+            except (OSError, EOFError):
+                pass
+            process.join(10)
+            if process.is_alive():
+                process.kill()  # this script's own child, by its handle
+                process.join(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def measure(cluster: Cluster, leader: int, params: dict[str, Any]) -> dict[str, Any]:
+    mean_record = cluster.ask(leader, "prepare", params)
+    cluster.wait_applied()
+    before = cluster.ask_all("cpu")
+    result = cluster.ask(leader, "run")
+    cluster.wait_applied()
+    after = cluster.ask_all("cpu")
+    deltas = [(a - b) * 1e6 for a, b in zip(after, before, strict=True)]
+    records = result["records"]
+    follower_us = [d / records for i, d in enumerate(deltas) if i != leader]
+    return {**result, "record_bytes": round(mean_record),
+            "us_per_record": sum(deltas) / records,
+            "leader_us_per_record": deltas[leader] / records,
+            "follower_us_per_record": sum(follower_us) / len(follower_us),
+            "records_per_s": records / result["wall_seconds"]}
+
+
+def _summary(values: list[float]) -> str:
+    return (f"median {statistics.median(values):7.1f}  min {min(values):7.1f}  "
+            f"max {max(values):7.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=("seq", "committer"), default="seq")
+    parser.add_argument("--records", default="10",
+                        help="records per batch in seq mode; a comma list runs each")
+    parser.add_argument("--total-records", type=int, default=10000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--work-us", type=float, default=0.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--port-base", type=int, default=23510)
+    parser.add_argument("--label", default="")
+    parser.add_argument("--json", help="append one JSON line per configuration to this file")
+    args = parser.parse_args()
+
+    cluster = Cluster(args.port_base, password="bench-cluster-secret")
+    try:
+        leader = cluster.wait_leader()
+        # Warm-up: connections, first allocations, the leader's no-op entry.
+        measure(cluster, leader, {"mode": "seq", "records": 10, "total_records": 500})
+        for per_batch in [int(x) for x in args.records.split(",")]:
+            params = {"mode": args.mode, "records": per_batch,
+                      "total_records": args.total_records, "concurrency": args.concurrency,
+                      "work_us": args.work_us}
+            runs = [measure(cluster, leader, params) for _ in range(args.repeats)]
+            what = (f"seq {per_batch}/batch" if args.mode == "seq" else
+                    f"committer c={args.concurrency} work={args.work_us:g}us")
+            print(f"{args.label} {what}: {runs[0]['record_bytes']} B/record, "
+                  f"{args.total_records} records x {args.repeats}, "
+                  f"load {os.getloadavg()[0]:.1f}")
+            print(f"  cluster CPU us/record   {_summary([r['us_per_record'] for r in runs])}")
+            print(f"  leader                  "
+                  f"{_summary([r['leader_us_per_record'] for r in runs])}")
+            print(f"  follower (mean of 2)    "
+                  f"{_summary([r['follower_us_per_record'] for r in runs])}")
+            print(f"  records/s               {_summary([r['records_per_s'] for r in runs])}")
+            if args.mode == "committer":
+                print(f"  mean batch              {_summary([r['mean_batch'] for r in runs])}")
+                print(f"  mean commit ms          "
+                      f"{_summary([r['mean_commit_ms'] for r in runs])}")
+            if args.json:
+                with open(args.json, "a") as out:
+                    out.write(json.dumps({"label": args.label, "params": params,
+                                          "load": os.getloadavg(), "runs": runs}) + "\n")
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
