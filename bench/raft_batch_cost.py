@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -43,6 +44,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,9 +55,10 @@ ACCOUNT = "111122223333"
 REGION = "us-west-2"
 
 
-def _cpu_seconds() -> float:
+def _cpu_seconds() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process, every thread."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime, usage.ru_stime
 
 
 def _record(node: str, index: int) -> tuple[bytes, str, tuple[tuple[str, int], ...],
@@ -82,12 +85,39 @@ def _record(node: str, index: int) -> tuple[bytes, str, tuple[tuple[str, int], .
 
 # -- the node process ----------------------------------------------------------------------
 
-def _node_main(conn: Any, address: str, peers: list[str], data_dir: str, password: str) -> None:
-    asyncio.run(_node_loop(conn, address, peers, data_dir, password))
+def _install_counters() -> Counter[str]:
+    """Count the messages this node sends (by type) and its ticks; costs CPU, so only
+    with --count, never in the measured figures."""
+    import pysyncobj.syncobj
+    import pysyncobj.tcp_connection
+
+    counts: Counter[str] = Counter()
+    send, tick = pysyncobj.tcp_connection.TcpConnection.send, pysyncobj.syncobj.SyncObj._onTick
+
+    def counting_send(self: Any, message: Any) -> None:
+        kind = message.get("type", "?") if isinstance(message, dict) else "handshake"
+        if kind == "append_entries":
+            kind += " (entries)" if message.get("entries") else " (no entries)"
+        counts["sent " + kind] += 1
+        send(self, message)
+
+    def counting_tick(self: Any, *args: Any) -> None:
+        counts["ticks"] += 1
+        tick(self, *args)
+
+    pysyncobj.tcp_connection.TcpConnection.send = counting_send
+    pysyncobj.syncobj.SyncObj._onTick = counting_tick
+    return counts
+
+
+def _node_main(conn: Any, address: str, peers: list[str], data_dir: str, password: str,
+               count: bool) -> None:
+    counts = _install_counters() if count else Counter()
+    asyncio.run(_node_loop(conn, address, peers, data_dir, password, counts))
 
 
 async def _node_loop(conn: Any, address: str, peers: list[str], data_dir: str,
-                     password: str) -> None:
+                     password: str, counts: Counter[str]) -> None:
     from cluster import commands
     from cluster.raft_node import RaftNode, RaftSettings
     from cluster.state import KmsState
@@ -115,6 +145,8 @@ async def _node_loop(conn: Any, address: str, peers: list[str], data_dir: str,
                            "commit": status.get("commit_index", 0)})
             elif what == "cpu":
                 conn.send(_cpu_seconds())
+            elif what == "counts":
+                conn.send(dict(counts))
             elif what == "prepare":
                 params = request[1]
                 items = [_record(address, i) for i in range(params["total_records"])]
@@ -171,7 +203,7 @@ async def _run_committer(node: Any, committer_class: Any, items: list[Any],
 # -- the driver ----------------------------------------------------------------------------
 
 class Cluster:
-    def __init__(self, port_base: int, password: str) -> None:
+    def __init__(self, port_base: int, password: str, count: bool) -> None:
         self.dir = tempfile.mkdtemp(prefix="raft-batch-cost-")
         self.addresses = [f"127.0.0.1:{port_base + i}" for i in range(3)]
         context = multiprocessing.get_context("spawn")
@@ -181,7 +213,7 @@ class Cluster:
             parent, child = context.Pipe()
             peers = [a for a in self.addresses if a != address]
             process = context.Process(target=_node_main, daemon=True, args=(
-                child, address, peers, os.path.join(self.dir, f"node{i}"), password))
+                child, address, peers, os.path.join(self.dir, f"node{i}"), password, count))
             process.start()
             self.conns.append(parent)
             self.processes.append(process)
@@ -217,10 +249,8 @@ class Cluster:
 
     def stop(self) -> None:
         for index, process in enumerate(self.processes):
-            try:
+            with contextlib.suppress(OSError, EOFError):
                 self.ask(index, "stop")
-            except (OSError, EOFError):
-                pass
             process.join(10)
             if process.is_alive():
                 process.kill()  # this script's own child, by its handle
@@ -232,16 +262,28 @@ def measure(cluster: Cluster, leader: int, params: dict[str, Any]) -> dict[str, 
     mean_record = cluster.ask(leader, "prepare", params)
     cluster.wait_applied()
     before = cluster.ask_all("cpu")
+    counts_before = cluster.ask_all("counts")
     result = cluster.ask(leader, "run")
     cluster.wait_applied()
     after = cluster.ask_all("cpu")
-    deltas = [(a - b) * 1e6 for a, b in zip(after, before, strict=True)]
+    counts_after = cluster.ask_all("counts")
+    per_batch: dict[str, float] = {}
+    for i, (old, new) in enumerate(zip(counts_before, counts_after, strict=True)):
+        role = "leader" if i == leader else "follower"
+        for kind, value in new.items():
+            key = f"{role} {kind}"
+            per_batch[key] = per_batch.get(key, 0) + (value - old.get(kind, 0)) / (
+                result["batches"] * (1 if i == leader else 2))
+    deltas = [(sum(a) - sum(b)) * 1e6 for a, b in zip(after, before, strict=True)]
+    system = sum(a[1] - b[1] for a, b in zip(after, before, strict=True)) * 1e6
     records = result["records"]
     follower_us = [d / records for i, d in enumerate(deltas) if i != leader]
     return {**result, "record_bytes": round(mean_record),
             "us_per_record": sum(deltas) / records,
+            "system_us_per_record": system / records,
             "leader_us_per_record": deltas[leader] / records,
             "follower_us_per_record": sum(follower_us) / len(follower_us),
+            "per_batch": per_batch,
             "records_per_s": records / result["wall_seconds"]}
 
 
@@ -261,10 +303,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--port-base", type=int, default=23510)
     parser.add_argument("--label", default="")
+    parser.add_argument("--count", action="store_true",
+                        help="count messages and ticks per batch (adds CPU: not for timing)")
     parser.add_argument("--json", help="append one JSON line per configuration to this file")
     args = parser.parse_args()
 
-    cluster = Cluster(args.port_base, password="bench-cluster-secret")
+    cluster = Cluster(args.port_base, password="bench-cluster-secret", count=args.count)
     try:
         leader = cluster.wait_leader()
         # Warm-up: connections, first allocations, the leader's no-op entry.
@@ -280,6 +324,8 @@ def main() -> None:
                   f"{args.total_records} records x {args.repeats}, "
                   f"load {os.getloadavg()[0]:.1f}")
             print(f"  cluster CPU us/record   {_summary([r['us_per_record'] for r in runs])}")
+            print(f"    of which kernel       "
+                  f"{_summary([r['system_us_per_record'] for r in runs])}")
             print(f"  leader                  "
                   f"{_summary([r['leader_us_per_record'] for r in runs])}")
             print(f"  follower (mean of 2)    "
@@ -289,6 +335,10 @@ def main() -> None:
                 print(f"  mean batch              {_summary([r['mean_batch'] for r in runs])}")
                 print(f"  mean commit ms          "
                       f"{_summary([r['mean_commit_ms'] for r in runs])}")
+            if args.count:
+                print("  per batch (follower: mean of 2):")
+                for kind in sorted(runs[-1]["per_batch"]):
+                    print(f"    {kind:45s} {runs[-1]['per_batch'][kind]:6.2f}")
             if args.json:
                 with open(args.json, "a") as out:
                     out.write(json.dumps({"label": args.label, "params": params,
