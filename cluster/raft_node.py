@@ -9,6 +9,9 @@ leader). Nothing here blocks the event loop on Raft.
 Configuration choices and why (see FACTS.md §0, §B):
 - `password` is always set: the Raft port speaks pickle, and without it any
   peer that reaches the port can read the state, add a member or run code.
+  Messages are protected with AES-GCM under a key derived from it, uncompressed,
+  instead of pysyncobj's zlib + Fernet (cluster/raft_wire.py: ~9x cheaper per
+  message; every node of a cluster must run the same wire).
 - `appendEntriesUseBatch=False`: otherwise every synchronous commit waits one
   `appendEntriesPeriod` (~100 ms).
 - replicated state lives in a `SyncObjConsumer` built before `SyncObj`, so a
@@ -38,7 +41,7 @@ from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 
-from cluster import commands, journal
+from cluster import commands, journal, raft_wire
 from cluster.state import ApplyResult, KmsState
 from cluster.syncobj_guard import GuardedSyncObj
 
@@ -115,6 +118,7 @@ class RaftNode:
     def start(self) -> None:
         os.makedirs(self.settings.data_dir, exist_ok=True)
         journal.install()
+        raft_wire.install()
         conf = SyncObjConf(
             password=self.settings.password,
             journalFile=os.path.join(self.settings.data_dir, "raft.journal"),
@@ -128,7 +132,8 @@ class RaftNode:
         )
         self._syncobj = GuardedSyncObj(self.settings.self_address,
                                        list(self.settings.peer_addresses),
-                                       conf=conf, consumers=[self._consumer])
+                                       conf=conf, consumers=[self._consumer],
+                                       encryptor=raft_wire.AeadEncryptor(self.settings.password))
         self._syncobj.addOnTickCallback(self._run_tick_jobs)
         log = self._syncobj._SyncObj__raftLog
         if isinstance(log, journal.ScrubbingFileJournal):

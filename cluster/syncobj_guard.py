@@ -1,5 +1,6 @@
 """pysyncobj's SyncObj with a Raft safety hole of the pinned 0.3.17 closed,
-and one wasted tick of a single-member cluster removed.
+one wasted tick of a single-member cluster removed, and its messages protected
+by the encryptor the caller gives (cluster/raft_wire.py) instead of Fernet.
 
 A follower receiving append_entries takes the leader's commit index and moves
 its own to `min(leader_commit, last index of its own log)`. For regular
@@ -24,6 +25,13 @@ tick's commit step, and then sleeps in its poller until a socket event or
 single-member cluster has none, so every commit waited the whole period
 (measured: 18 Decrypt/s at one request in flight). After appending, such a
 leader now wakes its own poller so the next tick commits at once.
+
+The encryptor: pysyncobj builds a Fernet from `conf.password` and its transport
+reads it back through the `encryptor` property, for every connection it makes
+or accepts. Answering that property with the given encryptor swaps the cipher
+on every connection and nothing else. `conf.password` must still be set: were
+this override ever lost, the node would fall back to Fernet (and fail to reach
+its peers), never to plaintext.
 """
 
 from __future__ import annotations
@@ -34,6 +42,23 @@ from pysyncobj import SyncObj
 
 
 class GuardedSyncObj(SyncObj):
+    def __init__(self, *args: Any, encryptor: Any = None, **kwargs: Any) -> None:
+        # Set before SyncObj.__init__ (which already connects, through the property),
+        # and so also left out of pysyncobj's snapshot of the object's attributes.
+        self._wire_encryptor = encryptor
+        super().__init__(*args, **kwargs)
+        if encryptor is not None and self.conf.password is None:
+            raise ValueError("an encryptor needs conf.password set (see module docstring)")
+
+    @property
+    def encryptor(self) -> Any:
+        if self._wire_encryptor is not None:
+            return self._wire_encryptor
+        return self._SyncObj__encryptor  # type: ignore[attr-defined]
+
+    def _getEncryptor(self) -> Any:  # noqa: N802 - pysyncobj's name
+        return self.encryptor
+
     # The name is pysyncobj's private handler, which SyncObj registers with its
     # transport through the instance, so this override receives every message.
     def _SyncObj__onMessageReceived(self, node: Any, message: dict[str, Any]) -> None:  # noqa: N802
