@@ -19,7 +19,10 @@ Two workloads:
 Each process reports its own CPU time (getrusage, every thread of it); the
 script sums the three deltas over the measured window (from just before the
 first submit to the moment both followers have applied the last entry) and
-divides by the records committed. Log compaction is pushed out of the window.
+divides by the records committed (in committer mode, less the synthetic
+`--work-us`, which is spent by construction). Log compaction is pushed out of
+the window. `--on` picks the proposing node(s): the leader, a follower (its
+commands are forwarded to the leader), or all three, as under live load.
 
     PYTHONPATH=. .venv/bin/python bench/raft_batch_cost.py                 # seq, 10/batch
     PYTHONPATH=. .venv/bin/python bench/raft_batch_cost.py --records 1,10,50
@@ -172,9 +175,11 @@ async def _run_seq(node: Any, commands: Any, items: list[Any],
     per_batch = params["records"]
     batches = [commands.AppendAudit(tuple(items[i:i + per_batch]))
                for i in range(0, len(items), per_batch)]
+    started = time.perf_counter()
     for command in batches:
         await node.submit(command, timeout=10)
-    return {"records": len(items), "batches": len(batches)}
+    return {"records": len(items), "batches": len(batches),
+            "commit_ms": (time.perf_counter() - started) * 1000 / len(batches)}
 
 
 async def _run_committer(node: Any, committer_class: Any, items: list[Any],
@@ -197,7 +202,7 @@ async def _run_committer(node: Any, committer_class: Any, items: list[Any],
     await asyncio.gather(*(client() for _ in range(params["concurrency"])))
     metrics = committer.metrics.as_dict()
     return {"records": metrics["records"], "batches": metrics["batches"],
-            "mean_batch": metrics["mean_batch_size"], "mean_commit_ms": metrics["mean_commit_ms"]}
+            "commit_ms": metrics["mean_commit_ms"]}
 
 
 # -- the driver ----------------------------------------------------------------------------
@@ -258,33 +263,53 @@ class Cluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def measure(cluster: Cluster, leader: int, params: dict[str, Any]) -> dict[str, Any]:
-    mean_record = cluster.ask(leader, "prepare", params)
+def _serving(cluster: Cluster, leader: int, on: str) -> list[int]:
+    followers = [i for i in range(3) if i != leader]
+    return {"leader": [leader], "follower": followers[:1], "all": [0, 1, 2]}[on]
+
+
+def measure(cluster: Cluster, leader: int, params: dict[str, Any], on: str) -> dict[str, Any]:
+    serving = _serving(cluster, leader, on)
+    share = dict(params, total_records=params["total_records"] // len(serving))
+    mean_record = statistics.mean(cluster.ask(i, "prepare", share) for i in serving)
     cluster.wait_applied()
     before = cluster.ask_all("cpu")
     counts_before = cluster.ask_all("counts")
-    result = cluster.ask(leader, "run")
+    for i in serving:  # all start together
+        cluster.conns[i].send(("run",))
+    results = {i: cluster.conns[i].recv() for i in serving}
     cluster.wait_applied()
     after = cluster.ask_all("cpu")
     counts_after = cluster.ask_all("counts")
+    records = sum(r["records"] for r in results.values())
+    batches = sum(r["batches"] for r in results.values())
     per_batch: dict[str, float] = {}
     for i, (old, new) in enumerate(zip(counts_before, counts_after, strict=True)):
         role = "leader" if i == leader else "follower"
         for kind, value in new.items():
             key = f"{role} {kind}"
             per_batch[key] = per_batch.get(key, 0) + (value - old.get(kind, 0)) / (
-                result["batches"] * (1 if i == leader else 2))
+                batches * (1 if i == leader else 2))
     deltas = [(sum(a) - sum(b)) * 1e6 for a, b in zip(after, before, strict=True)]
+    if params["mode"] == "committer":
+        # The synthetic request work is the clients' own, not Raft's: spent by construction.
+        for i, r in results.items():
+            deltas[i] -= params["work_us"] * r["records"]
     system = sum(a[1] - b[1] for a, b in zip(after, before, strict=True)) * 1e6
-    records = result["records"]
     follower_us = [d / records for i, d in enumerate(deltas) if i != leader]
-    return {**result, "record_bytes": round(mean_record),
-            "us_per_record": sum(deltas) / records,
-            "system_us_per_record": system / records,
-            "leader_us_per_record": deltas[leader] / records,
-            "follower_us_per_record": sum(follower_us) / len(follower_us),
-            "per_batch": per_batch,
-            "records_per_s": records / result["wall_seconds"]}
+    commit_ms: dict[str, list[float]] = {}
+    for i, r in results.items():
+        commit_ms.setdefault("leader" if i == leader else "follower", []).append(r["commit_ms"])
+    out = {"records": records, "batches": batches, "record_bytes": round(mean_record),
+           "us_per_record": sum(deltas) / records,
+           "system_us_per_record": system / records,
+           "leader_us_per_record": deltas[leader] / records,
+           "follower_us_per_record": sum(follower_us) / len(follower_us),
+           "per_batch": per_batch,
+           "mean_batch": records / batches,
+           "records_per_s": records / max(r["wall_seconds"] for r in results.values())}
+    out.update({f"{role}_commit_ms": statistics.mean(v) for role, v in commit_ms.items()})
+    return out
 
 
 def _summary(values: list[float]) -> str:
@@ -298,7 +323,11 @@ def main() -> None:
     parser.add_argument("--records", default="10",
                         help="records per batch in seq mode; a comma list runs each")
     parser.add_argument("--total-records", type=int, default=10000)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--on", choices=("leader", "follower", "all"), default="leader",
+                        help="the node(s) that propose: each serving node runs its own "
+                             "workload (seq stream or committer) on its share of the records")
+    parser.add_argument("--concurrency", type=int, default=64,
+                        help="committer clients per serving node")
     parser.add_argument("--work-us", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--port-base", type=int, default=23510)
@@ -312,14 +341,16 @@ def main() -> None:
     try:
         leader = cluster.wait_leader()
         # Warm-up: connections, first allocations, the leader's no-op entry.
-        measure(cluster, leader, {"mode": "seq", "records": 10, "total_records": 500})
+        measure(cluster, leader, {"mode": "seq", "records": 10, "total_records": 600}, "all")
         for per_batch in [int(x) for x in args.records.split(",")]:
             params = {"mode": args.mode, "records": per_batch,
                       "total_records": args.total_records, "concurrency": args.concurrency,
                       "work_us": args.work_us}
-            runs = [measure(cluster, leader, params) for _ in range(args.repeats)]
+            params["on"] = args.on
+            runs = [measure(cluster, leader, params, args.on) for _ in range(args.repeats)]
             what = (f"seq {per_batch}/batch" if args.mode == "seq" else
                     f"committer c={args.concurrency} work={args.work_us:g}us")
+            what += f" on {args.on}"
             print(f"{args.label} {what}: {runs[0]['record_bytes']} B/record, "
                   f"{args.total_records} records x {args.repeats}, "
                   f"load {os.getloadavg()[0]:.1f}")
@@ -333,8 +364,10 @@ def main() -> None:
             print(f"  records/s               {_summary([r['records_per_s'] for r in runs])}")
             if args.mode == "committer":
                 print(f"  mean batch              {_summary([r['mean_batch'] for r in runs])}")
-                print(f"  mean commit ms          "
-                      f"{_summary([r['mean_commit_ms'] for r in runs])}")
+            for role in ("leader", "follower"):
+                if f"{role}_commit_ms" in runs[0]:
+                    print(f"  commit ms, {role:8s}     "
+                          f"{_summary([r[f'{role}_commit_ms'] for r in runs])}")
             if args.count:
                 print("  per batch (follower: mean of 2):")
                 for kind in sorted(runs[-1]["per_batch"]):
