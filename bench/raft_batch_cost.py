@@ -12,9 +12,11 @@ Two workloads:
 
 - `seq` (default): one batch in flight, every batch `--records` records, as the
   committer does when it is saturated. Isolates the cost of one commit.
-- `committer`: an AuditCommitter on the leader with `--concurrency` clients
-  calling commit() in a loop, each first spinning `--work-us` µs on the event
-  loop (the rest of a request's handling), so batch sizes form as they do live.
+- `committer`: an AuditCommitter on each proposing node with `--concurrency`
+  clients calling commit() in a loop, each first away ~`--gap-ms` (its answer
+  travelling back, the next request coming in) and then spinning `--work-us` µs
+  on the event loop (the rest of a request's handling), so batch sizes form as
+  they do live.
 
 Each process reports its own CPU time (getrusage, every thread of it); the
 script sums the three deltas over the measured window (from just before the
@@ -40,6 +42,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import random
 import resource
 import shutil
 import statistics
@@ -186,11 +189,18 @@ async def _run_committer(node: Any, committer_class: Any, items: list[Any],
                          params: dict[str, Any]) -> dict[str, Any]:
     committer = committer_class(node, timeout=10)
     work = params["work_us"] / 1e6
+    gap = params["gap_ms"] / 1000
+    rng = random.Random(1)
     queue = list(reversed(items))
 
     async def client() -> None:
         while queue:
             item = queue.pop()
+            if gap:
+                # The response's way back, the client's turnaround, the next request's
+                # way in: the client is away from the node meanwhile. Drawn at random,
+                # as live clients are not in step with each other.
+                await asyncio.sleep(rng.expovariate(1 / gap))
             if work:
                 until = time.perf_counter() + work
                 while time.perf_counter() < until:
@@ -329,6 +339,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64,
                         help="committer clients per serving node")
     parser.add_argument("--work-us", type=float, default=0.0)
+    parser.add_argument("--gap-ms", type=float, default=0.0,
+                        help="committer mode: mean time (exponentially distributed) a client is "
+                             "away between its answer and its next request")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--port-base", type=int, default=23510)
     parser.add_argument("--label", default="")
@@ -345,11 +358,12 @@ def main() -> None:
         for per_batch in [int(x) for x in args.records.split(",")]:
             params = {"mode": args.mode, "records": per_batch,
                       "total_records": args.total_records, "concurrency": args.concurrency,
-                      "work_us": args.work_us}
+                      "work_us": args.work_us, "gap_ms": args.gap_ms}
             params["on"] = args.on
             runs = [measure(cluster, leader, params, args.on) for _ in range(args.repeats)]
             what = (f"seq {per_batch}/batch" if args.mode == "seq" else
-                    f"committer c={args.concurrency} work={args.work_us:g}us")
+                    f"committer c={args.concurrency} work={args.work_us:g}us "
+                    f"gap={args.gap_ms:g}ms")
             what += f" on {args.on}"
             print(f"{args.label} {what}: {runs[0]['record_bytes']} B/record, "
                   f"{args.total_records} records x {args.repeats}, "
