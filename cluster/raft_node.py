@@ -9,8 +9,15 @@ leader). Nothing here blocks the event loop on Raft.
 Configuration choices and why (see FACTS.md §0, §B):
 - `password` is always set: the Raft port speaks pickle, and without it any
   peer that reaches the port can read the state, add a member or run code.
+  Messages are protected with AES-GCM under a key derived from it, uncompressed,
+  instead of pysyncobj's zlib + Fernet (cluster/raft_wire.py: 1-5 µs per
+  message instead of 30-70; every node of a cluster must run the same wire).
 - `appendEntriesUseBatch=False`: otherwise every synchronous commit waits one
-  `appendEntriesPeriod` (~100 ms).
+  `appendEntriesPeriod` (~100 ms). The leader then also sends a heartbeat
+  carrying the new commit index right after each commit, so followers apply at
+  once. Holding it back a few ms for the next entry to carry instead removed
+  those 4 messages per batch but no measurable CPU (bench/raft_batch_cost.py,
+  1-10 ms tried), while delaying commits served by followers: not done.
 - replicated state lives in a `SyncObjConsumer` built before `SyncObj`, so a
   restored snapshot is never overwritten by late initialisation.
 - `leaderFallbackTimeout` lowered from 30 s so a partitioned leader steps down
@@ -38,7 +45,7 @@ from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 
-from cluster import commands, journal
+from cluster import commands, journal, raft_wire
 from cluster.state import ApplyResult, KmsState
 from cluster.syncobj_guard import GuardedSyncObj
 
@@ -124,6 +131,7 @@ class RaftNode:
     def start(self) -> None:
         os.makedirs(self.settings.data_dir, exist_ok=True)
         journal.install()
+        raft_wire.install()
         conf = SyncObjConf(
             password=self.settings.password,
             journalFile=os.path.join(self.settings.data_dir, "raft.journal"),
@@ -137,7 +145,8 @@ class RaftNode:
         )
         self._syncobj = GuardedSyncObj(self.settings.self_address,
                                        list(self.settings.peer_addresses),
-                                       conf=conf, consumers=[self._consumer])
+                                       conf=conf, consumers=[self._consumer],
+                                       encryptor=raft_wire.AeadEncryptor(self.settings.password))
         self._syncobj.addOnTickCallback(self._run_tick_jobs)
         log = self._syncobj._SyncObj__raftLog
         if isinstance(log, journal.ScrubbingFileJournal):

@@ -1,5 +1,6 @@
 """pysyncobj's SyncObj with a Raft safety hole of the pinned 0.3.17 closed,
-and one wasted tick of a single-member cluster removed.
+one wasted tick of a single-member cluster removed, and its messages protected
+by the encryptor the caller gives (cluster/raft_wire.py) instead of Fernet.
 
 A follower receiving append_entries takes the leader's commit index and moves
 its own to `min(leader_commit, last index of its own log)`. For regular
@@ -24,6 +25,23 @@ tick's commit step, and then sleeps in its poller until a socket event or
 single-member cluster has none, so every commit waited the whole period
 (measured: 18 Decrypt/s at one request in flight). After appending, such a
 leader now wakes its own poller so the next tick commits at once.
+
+The late acknowledgement: with appendEntriesUseBatch=False the leader sends
+each entry as soon as it appends it and moves the follower's nextIndex past it.
+A success acknowledgement for an earlier message, arriving after that, set
+nextIndex back to its own index, so the next send repeated entries the follower
+already had (and its journal then skipped them). With one audit batch in flight
+this hit the slower follower on about one batch in two: the entry went out
+twice and the follower logged pysyncobj's "truncating already-applied log
+entries" alarm. A late success now never lowers nextIndex; a refusal (reset)
+still does, and that is how a follower that lost a message is caught up.
+
+The encryptor: pysyncobj builds a Fernet from `conf.password` and its transport
+reads it back through the `encryptor` property, for every connection it makes
+or accepts. Answering that property with the given encryptor swaps the cipher
+on every connection and nothing else. `conf.password` must still be set: were
+this override ever lost, the node would fall back to Fernet (and fail to reach
+its peers), never to plaintext.
 """
 
 from __future__ import annotations
@@ -34,9 +52,30 @@ from pysyncobj import SyncObj
 
 
 class GuardedSyncObj(SyncObj):
+    def __init__(self, *args: Any, encryptor: Any = None, **kwargs: Any) -> None:
+        # Set before SyncObj.__init__ (which already connects, through the property),
+        # and so also left out of pysyncobj's snapshot of the object's attributes.
+        conf = kwargs.get("conf", args[2] if len(args) > 2 else None)
+        if encryptor is not None and getattr(conf, "password", None) is None:
+            raise ValueError("an encryptor needs conf.password set (see module docstring)")
+        self._wire_encryptor = encryptor
+        super().__init__(*args, **kwargs)
+
+    @property
+    def encryptor(self) -> Any:
+        if self._wire_encryptor is not None:
+            return self._wire_encryptor
+        return self._SyncObj__encryptor  # type: ignore[attr-defined]
+
+    def _getEncryptor(self) -> Any:  # noqa: N802 - pysyncobj's name
+        return self.encryptor
+
     # The name is pysyncobj's private handler, which SyncObj registers with its
     # transport through the instance, so this override receives every message.
     def _SyncObj__onMessageReceived(self, node: Any, message: dict[str, Any]) -> None:  # noqa: N802
+        if message.get("type") == "next_node_idx":
+            self._on_next_node_idx(node, message)
+            return
         if message.get("type") != "append_entries" or "prevLogIdx" in message:
             super()._SyncObj__onMessageReceived(node, message)  # type: ignore[misc]
             return
@@ -51,6 +90,16 @@ class GuardedSyncObj(SyncObj):
             # An installed snapshot is committed state: its index is committed.
             self._SyncObj__raftCommitIndex = applied
             self._SyncObj__raftLog.setRaftCommitIndex(applied)  # type: ignore[attr-defined]
+
+    def _on_next_node_idx(self, node: Any, message: dict[str, Any]) -> None:
+        # A success acknowledges entries up to its index: the leader's nextIndex for
+        # that follower only moves back on a refusal (reset), never on a late success.
+        next_indexes = self._SyncObj__raftNextIndex  # type: ignore[attr-defined]
+        sent_up_to = next_indexes.get(node)
+        super()._SyncObj__onMessageReceived(node, message)  # type: ignore[misc]
+        if (sent_up_to is not None and message.get("success") and not message.get("reset")
+                and next_indexes.get(node, sent_up_to) < sent_up_to):
+            next_indexes[node] = sent_up_to
 
     def _checkCommandsToApply(self) -> None:  # noqa: N802 - pysyncobj's name
         appended_from = self._SyncObj__getCurrentLogIndex()  # type: ignore[attr-defined]

@@ -8,6 +8,16 @@ batch, so a batch grows with load and the chain costs one consensus round per
 batch, not per request (FACTS.md §P: one synchronous commit costs ~0.5 ms of
 leader CPU; 100 records per entry reach ~76-133k records/s).
 
+Batches are as large as one batch in flight allows: every record that arrives
+while a commit is in flight joins the next batch, and `max_batch` is far above
+what forms (~10 at 64 concurrent requests). Larger batches would only come from
+waiting after each commit: bench/raft_batch_cost.py's committer mode (clients
+away ~15 ms between requests, so batches of ~5 form) with a 2 or 5 ms pause
+grew batches to 7-10 and cut Raft CPU per record by 3-13%, but every request
+waits the pause, and records/s moved by more than that either way from one run
+to the next on the shared machine. Not done: the latency is certain, the gain
+was not distinguishable from noise.
+
 Never holds plaintext: the entries are canonical CloudTrail-shaped events,
 already stripped of every secret member by kmsd.audit.record.
 """

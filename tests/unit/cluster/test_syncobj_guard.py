@@ -145,3 +145,43 @@ def test_a_single_member_leader_commits_without_sleeping_a_tick(
         assert (slept >= 1.5) is waits, slept
     finally:
         node.destroy()
+
+
+def _leader_of_three(cls: type[SyncObj], port: int) -> tuple[SyncObj, Any]:
+    # Made leader directly (its peers never run): only its bookkeeping is under test.
+    node, _counter = _follower(cls, port)
+    node._SyncObj__raftCurrentTerm = 1
+    node._SyncObj__onBecomeLeader()
+    assert node._isLeader()
+    follower = sorted(node._SyncObj__otherNodes, key=lambda n: n.id)[0]
+    return node, follower
+
+
+def _ack(node: SyncObj, follower: Any, next_index: int, *, success: bool = True,
+         reset: bool = False) -> None:
+    node._SyncObj__onMessageReceived(follower, {
+        "type": "next_node_idx", "next_node_idx": next_index, "reset": reset,
+        "success": success})
+
+
+@pytest.mark.parametrize(("cls", "port", "regresses"), [
+    (SyncObj, 21770, True), (GuardedSyncObj, 21773, False)])
+def test_a_late_acknowledgement_does_not_make_the_leader_resend(
+        cls: type[SyncObj], port: int, regresses: bool) -> None:
+    node, follower = _leader_of_three(cls, port)
+    try:
+        sent = node._SyncObj__getCurrentLogIndex()
+        # Entries up to `sent` + 2 went out (no batching: each at once); then the
+        # acknowledgement of the earlier message arrives.
+        node._SyncObj__raftNextIndex[follower] = sent + 3
+        _ack(node, follower, sent + 1)
+        assert node._SyncObj__raftMatchIndex[follower] == sent
+        assert (node._SyncObj__raftNextIndex[follower] == sent + 1) is regresses
+        if not regresses:
+            assert node._SyncObj__raftNextIndex[follower] == sent + 3
+            # A refusal still moves it back: that is how a follower that lost a message
+            # is caught up.
+            _ack(node, follower, sent - 1, success=False, reset=True)
+            assert node._SyncObj__raftNextIndex[follower] == sent - 1
+    finally:
+        node.destroy()
