@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,6 +250,13 @@ class _Refuse(Exception):
         self.rejected = Rejected(error_type, message)
 
 
+def audit_usage(cmd: c.AppendAudit, records: Sequence[ChainedRecord]
+                ) -> list[tuple[str, ...]]:
+    """The key uses an applied AppendAudit records: the usage of each entry not revoked."""
+    return [usage for (_e, _n, _d, usage), record in zip(cmd.entries, records, strict=True)
+            if usage and not record.revoked]
+
+
 class KmsState(dg.DomainGenerationsMixin):
     def __init__(self) -> None:
         self.keys: dict[str, KeyRecord] = {}
@@ -309,27 +317,17 @@ class KmsState(dg.DomainGenerationsMixin):
             records = self.audit.append(entries)
         except CanonicalEncodingError as exc:
             raise _Refuse("KMSInternalException", f"unfit audit batch: {exc}") from None
-        self._note_usage(cmd, [record.revoked for record in records])
+        self.note_key_usage(audit_usage(cmd, records))
         return records
 
-    def _note_usage(self, cmd: c.AppendAudit, revoked: list[bool]) -> None:
-        for is_revoked, (_e, _n, _d, usage) in zip(revoked, cmd.entries, strict=True):
-            if usage and not is_revoked:
-                key_id, operation, event_time, event_id, request_id = usage
-                self.key_usage[key_id] = KeyUsage(operation, event_time, event_id, request_id)
-                if self.usage_tracking_start is None:
-                    self.usage_tracking_start = event_time
-
-    def apply_audit_usage_only(self, cmd: c.AppendAudit) -> None:
-        """What an AppendAudit changes besides the chain: the keys' last use. For a read-only
-        copy of the state (an API worker process), which never reads the chain and need not
-        pay for hashing it; the primary's replica applies the whole command."""
-        self.applied_count += 1
-        revoked = []
-        for _event, _node, decisions, _usage in cmd.entries:
-            revoked.append(any((record := self.keys.get(key_id)) is None
-                               or record.epoch != epoch for key_id, epoch in decisions))
-        self._note_usage(cmd, revoked)
+    def note_key_usage(self, usages: Iterable[Sequence[str]]) -> None:
+        """The keys' last use, from (key id, operation, event time, event id, request id).
+        What an applied AppendAudit changes besides the chain (see `audit_usage`): a copy of
+        the state that does not keep the chain (an API worker's) is given only this."""
+        for key_id, operation, event_time, event_id, request_id in usages:
+            self.key_usage[key_id] = KeyUsage(operation, event_time, event_id, request_id)
+            if self.usage_tracking_start is None:
+                self.usage_tracking_start = event_time
 
     def _apply_RegisterNode(self, cmd: c.RegisterNode) -> None:
         self.nodes[cmd.node_id] = NodeRecord(cmd.node_id, cmd.az, cmd.raft_address,

@@ -40,7 +40,7 @@ import structlog
 
 from cluster import commands
 from cluster.raft_node import RaftNode, RaftUnavailable
-from cluster.state import Applied, ApplyResult, KmsState
+from cluster.state import Applied, ApplyResult, KmsState, audit_usage
 from kmsd.api_workers import wire
 from kmsd.audit.committer import AuditCommitter, AuditItem, AuditUnavailable
 
@@ -283,10 +283,16 @@ class WorkerHub:
         subscribers = self._subscribers
         if not subscribers or self._loop is None:
             return
-        if isinstance(command, commands.AppendAudit) and not isinstance(result, Applied):
-            return  # refused: nothing changed (workers skip the chain, see KmsState)
-        self._loop.call_soon_threadsafe(self._publish, subscribers,
-                                        wire.frame(wire.APPLY, packed))
+        if isinstance(command, commands.AppendAudit):
+            if not isinstance(result, Applied):
+                return  # refused: nothing changed
+            usage = audit_usage(command, result.value)
+            if not usage:
+                return
+            data = wire.frame(wire.USAGE, msgpack.packb(usage))
+        else:
+            data = wire.frame(wire.APPLY, packed)
+        self._loop.call_soon_threadsafe(self._publish, subscribers, data)
 
     def _on_restored(self) -> None:
         """A snapshot from the leader replaced the state (this node was far behind): the

@@ -7,7 +7,11 @@ so nothing else on the machine can reach either end.
 Primary → worker:
 - `SNAPSHOT`  msgpack [state snapshot, status]: the state as of the frame; the
   `APPLY` frames that follow continue from there;
-- `APPLY`     a command exactly as the Raft log holds it, applied by the primary;
+- `APPLY`     a command exactly as the Raft log holds it, applied by the primary (but an
+  audit batch);
+- `USAGE`     msgpack [[key id, operation, event time, event id, request id], ...]: what
+  an applied audit batch changed besides the chain, which workers do not keep (decoding
+  every batch of the cluster in every worker would cost more than their requests);
 - `STATUS`    msgpack status: {"not_ready": str | None, "has_leader": bool};
 - `FENCE`     msgpack id: answer with `FENCED` once everything before is applied;
 - `SERVE`     (empty) the answer to `READY`: every write answered from now on waits for
@@ -32,6 +36,7 @@ import struct
 
 SNAPSHOT = b"S"
 APPLY = b"A"
+USAGE = b"U"
 STATUS = b"T"
 FENCE = b"F"
 REPLY = b"R"

@@ -85,13 +85,11 @@ class PrimaryLink:
                     future.set_exception(RaftUnavailable("the node's primary process is gone"))
 
     def _handle(self, kind: bytes, body: bytes) -> None:
-        if kind == wire.APPLY:
+        if kind == wire.USAGE:
+            self.state.note_key_usage(msgpack.unpackb(body))
+        elif kind == wire.APPLY:
             command = commands.decode(body)
-            if isinstance(command, commands.AppendAudit):
-                # The chain itself is the primary's: hashing it here would only cost CPU.
-                self.state.apply_audit_usage_only(command)
-            else:
-                self.on_applied(command, self.state.apply(command))
+            self.on_applied(command, self.state.apply(command))
         elif kind == wire.REPLY:
             call_id, ok, value = pickle.loads(body)  # from the process that spawned us
             future = self._calls.pop(call_id, None)
