@@ -118,13 +118,27 @@ def _kms_params(key_id: str, blob: str) -> dict[str, Callable[[], dict[str, Any]
     }
 
 
-# `--api-workers`: API worker processes per kmsd node besides its primary.
-API_WORKERS = {"per_node": 0}
+# `--api-workers`: API worker processes per kmsd node besides its primary, by target.
+API_WORKERS: dict[str, int] = {"kmsd1": 0, "kmsd3": 0}
+
+
+def parse_api_workers(value: str) -> dict[str, int]:
+    """"N" for both kmsd targets, or "kmsd1=N,kmsd3=M"."""
+    if value.isdigit():
+        return {"kmsd1": int(value), "kmsd3": int(value)}
+    out = {"kmsd1": 0, "kmsd3": 0}
+    for part in filter(None, value.split(",")):
+        name, _, count = part.partition("=")
+        if name not in out or not count.isdigit():
+            raise argparse.ArgumentTypeError(f"not N or kmsd1=N,kmsd3=M: {value!r}")
+        out[name] = int(count)
+    return out
 
 
 def start_kmsd(processes: Processes, workdir: str, nodes: int) -> Target:
-    cluster = benchlib.start_kmsd(processes, os.path.join(workdir, f"kmsd{nodes}"), nodes,
-                                  api_workers=API_WORKERS["per_node"])
+    name = f"kmsd{nodes}"
+    cluster = benchlib.start_kmsd(processes, os.path.join(workdir, name), nodes,
+                                  api_workers=API_WORKERS[name])
     creds = cluster.credentials
     first = cluster.endpoints[0]
     key_id = _expect_ok(first, "CreateKey", {"Description": "bench"}, creds,
@@ -135,7 +149,8 @@ def start_kmsd(processes: Processes, workdir: str, nodes: int) -> Target:
         _wait_ok(endpoint, "Decrypt", {"CiphertextBlob": blob}, creds, 30, "kmsd")
     return Target(f"kmsd{nodes}", cluster.endpoints, cluster.pids, creds,
                   _kms_params(key_id, blob),
-                  {"nodes": nodes, "dev_pid": cluster.process.pid, "key_id": key_id},
+                  {"nodes": nodes, "dev_pid": cluster.process.pid, "key_id": key_id,
+                   "api_workers_per_node": API_WORKERS[name]},
                   cluster)
 
 
@@ -474,7 +489,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"median of {settings['runs']} run(s) of {settings['duration_s']:g} s; ratios are taken "
         "within one run, then the median. c = connections in flight (for kmsd3 split over "
         "the three nodes). Server CPU counts every process of the server (all nodes for "
-        "kmsd3); wrk cores is the load generator's CPU.",
+        "kmsd3); wrk cores is the load generator's CPU. API worker processes per kmsd node "
+        "(besides its primary): " + ", ".join(
+            f"{name} {count}" for name, count in settings.get(
+                "api_workers_per_kmsd_node", {}).items()) + ".",
         "",
         "Idle CPU (cores, no load): " + ", ".join(
             f"{LABELS[k]} {v:.3f}" for k, v in results.get("idle_server_cores", {}).items())
@@ -607,12 +625,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--op-level", type=int, default=64)
     parser.add_argument("--targets", default=",".join(ALL_TARGETS),
                         help=f"subset of {','.join(ALL_TARGETS)}")
-    parser.add_argument("--api-workers", type=int, default=0,
-                        help="API worker processes per kmsd node besides its primary")
+    parser.add_argument("--api-workers", type=parse_api_workers, default="0",
+                        help="API worker processes per kmsd node besides its primary: N, or "
+                             "per target as kmsd1=N,kmsd3=M")
     parser.add_argument("--out-dir", default=benchlib.RESULTS_DIR)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
-    API_WORKERS["per_node"] = args.api_workers
+    API_WORKERS.update(args.api_workers)
     args.runs = args.runs or (1 if args.quick else 3)
     args.duration = args.duration or (2 if args.quick else 6)
     args.warmup = 1 if args.quick else 2
