@@ -33,7 +33,8 @@ from cluster.state import (
 )
 from kmsd import bootstrap, domain_blob, sd_notify
 from kmsd.api.admin import make_admin_app
-from kmsd.api.protocol import MAX_BODY_BYTES, Authenticator, KmsProtocol
+from kmsd.api.api_app import make_api_app
+from kmsd.api.protocol import Authenticator, KmsProtocol
 from kmsd.api.validation import RequestValidator
 from kmsd.api_workers.hub import FencedRaft, WorkerHub, worker_command
 from kmsd.audit.backfill import Backfiller, peer_key
@@ -48,7 +49,6 @@ from kmsd.errors import KMSInternalException
 from kmsd.hsm.asymmetric import AsymmetricKeys
 from kmsd.hsm.partition import HsmAuthenticationFailed, HsmError, HsmPartition
 from kmsd.hsm.worker_process import WorkerSettings
-from kmsd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kmsd.metrics import NodeFacts, NodeMetrics
 from kmsd.replica_effects import ReplicaEffects
 from kmsd.service import domain_members, principals
@@ -335,24 +335,13 @@ class Node:
     # -- HTTP ----------------------------------------------------------------
 
     def api_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        async def readiness() -> tuple[int, dict[str, Any]]:
+            return self.readiness()
 
-        async def healthz(_request: web.Request) -> web.Response:
-            return web.json_response({"alive": True})
+        async def render_metrics() -> bytes:
+            return self.metrics.render()
 
-        async def readyz(_request: web.Request) -> web.Response:
-            status, body = self.readiness()
-            return web.json_response(body, status=status)
-
-        async def metrics(_request: web.Request) -> web.Response:
-            return web.Response(body=self.metrics.render(),
-                                headers={"Content-Type": METRICS_CONTENT_TYPE})
-
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
-        app.router.add_get("/metrics", metrics)
-        app.router.add_route("*", "/{tail:.*}", self.protocol.handle)
-        return app
+        return make_api_app(self.protocol.handle, readiness, render_metrics)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -27,7 +27,8 @@ from aiohttp import web
 from cluster import commands
 from cluster.raft_node import RaftUnavailable
 from cluster.state import ApplyResult, KmsState
-from kmsd.api.protocol import MAX_BODY_BYTES, Authenticator, KmsProtocol
+from kmsd.api.api_app import make_api_app
+from kmsd.api.protocol import Authenticator, KmsProtocol
 from kmsd.api.validation import RequestValidator
 from kmsd.api_workers import wire
 from kmsd.audit.chain import ChainedRecord
@@ -281,34 +282,22 @@ class ApiWorker:
         return str(reason) if reason is not None else None
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
-
-        async def healthz(_request: web.Request) -> web.Response:
-            return web.json_response({"alive": True})
-
-        async def readyz(_request: web.Request) -> web.Response:
+        async def readiness() -> tuple[int, dict[str, Any]]:
             # The node's readiness is the primary's (Raft, domain key, lag).
             try:
                 status, body = await self.link.call("readyz", None, 5.0)
             except (RaftUnavailable, RuntimeError):
-                status, body = 503, {"ready": False, "reason": "The node's primary process "
-                                     "does not answer.", "lag": None}
-            return web.json_response(body, status=status)
+                return 503, {"ready": False, "lag": None,
+                             "reason": "The node's primary process does not answer."}
+            return int(status), dict(body)
 
-        async def metrics(_request: web.Request) -> web.Response:
+        async def render_metrics() -> bytes | None:
             try:
-                rendered = await self.link.call("metrics", None, 5.0)
+                return bytes(await self.link.call("metrics", None, 5.0))
             except (RaftUnavailable, RuntimeError):
-                return web.Response(status=503, text="metrics unavailable\n")
-            return web.Response(body=rendered,
-                                headers={"Content-Type": "text/plain; version=0.0.4; "
-                                                         "charset=utf-8"})
+                return None
 
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
-        app.router.add_get("/metrics", metrics)
-        app.router.add_route("*", "/{tail:.*}", self.protocol.handle)
-        return app
+        return make_api_app(self.protocol.handle, readiness, render_metrics)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -19,6 +19,7 @@ from kmsd.api_workers.hub import WorkerHub
 from kmsd.api_workers.worker import PrimaryLink, RemoteAuditCommitter, RemoteRaft
 from kmsd.audit.chain import canonical_bytes
 from kmsd.audit.committer import AuditCommitter
+from tests.unit.cluster.test_raft_snapshot import _CountingState
 
 
 def _register(n: int) -> commands.RegisterNode:
@@ -39,16 +40,6 @@ async def _until(predicate: Callable[[], bool], seconds: float, what: str) -> No
     while not predicate():
         assert time.monotonic() < deadline, what
         await asyncio.sleep(0.01)
-
-
-class _CountingState(KmsState):
-    def __init__(self) -> None:
-        super().__init__()
-        self.snapshots_built_here = 0
-
-    def to_snapshot(self) -> bytes:
-        self.snapshots_built_here += 1
-        return super().to_snapshot()
 
 
 class _Primary:
