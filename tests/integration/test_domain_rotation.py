@@ -117,8 +117,19 @@ def rotating_cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
     running.stop()
 
 
-def test_domain_rotation_rewraps_everything_online(rotating_cluster: Cluster) -> None:
-    cluster = rotating_cluster
+@pytest.fixture()
+def rotating_cluster_with_workers(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Nodes that serve their API from a worker process each (kmsd.api_workers): the
+    workers' own HSM sessions must find each new generation and let the old one go."""
+    running = start_cluster(str(tmp_path_factory.mktemp("domain-rotation-workers")),
+                            extra_args=("--api-workers", "1"))
+    yield running
+    running.stop()
+
+
+def test_domain_rotation_rewraps_everything_online(rotating_cluster_with_workers: Cluster
+                                                   ) -> None:
+    cluster = rotating_cluster_with_workers
     kms = cluster.client(0)
     keys = {
         "sym": kms.create_key()["KeyMetadata"]["KeyId"],
