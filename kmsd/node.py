@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import ssl
-import time
 from typing import Any
 
 import structlog
@@ -34,29 +33,25 @@ from cluster.state import (
 from kmsd import bootstrap, domain_blob, sd_notify
 from kmsd.api.admin import make_admin_app
 from kmsd.api.api_app import make_api_app
-from kmsd.api.protocol import Authenticator, KmsProtocol
+from kmsd.api.protocol import KmsProtocol
 from kmsd.api.validation import RequestValidator
 from kmsd.api_workers.hub import FencedRaft, WorkerHub, worker_command
 from kmsd.audit.backfill import Backfiller, peer_key
 from kmsd.audit.committer import AuditCommitter
 from kmsd.audit.digest_signer import DigestSigner
 from kmsd.audit.sink import SegmentSink
-from kmsd.auth.credentials import CredentialStore, secret_aad
-from kmsd.auth.sigv4 import SigV4Verifier
-from kmsd.clock import Clock, OffsetClock, SystemClock
+from kmsd.auth.credentials import secret_aad
+from kmsd.clock import Clock
 from kmsd.config import NodeConfig
 from kmsd.errors import KMSInternalException
 from kmsd.hsm.asymmetric import AsymmetricKeys
-from kmsd.hsm.partition import HsmAuthenticationFailed, HsmError, HsmPartition
-from kmsd.hsm.worker_process import WorkerSettings
+from kmsd.hsm.partition import HsmAuthenticationFailed
 from kmsd.metrics import NodeFacts, NodeMetrics
-from kmsd.replica_effects import ReplicaEffects
 from kmsd.service import domain_members, principals
-from kmsd.service.asymmetric_hsm import AsymmetricHsm
-from kmsd.service.core import ServiceCore
 from kmsd.service.domain_rotation import DomainRotator, PeerClient
 from kmsd.service.scheduler import KeyScheduler
-from kmsd.tls import CertificatePaths, certificate_expiry, server_context
+from kmsd.serving import serving_parts, tls_server_context
+from kmsd.tls import certificate_expiry
 
 log = structlog.get_logger("kmsd.node")
 
@@ -84,16 +79,7 @@ class Node:
     def __init__(self, config: NodeConfig, clock: Clock | None = None,
                  worker_command: list[str] | None = None) -> None:
         self.config = config
-        self.clock = clock or (OffsetClock(config.clock_offset_file)
-                               if config.clock_offset_file else SystemClock())
-        if config.softhsm2_conf:
-            os.environ["SOFTHSM2_CONF"] = config.softhsm2_conf
-        self.hsm = HsmPartition(config.hsm_module, config.token_label, config.pin.read("HSM PIN"))
-        if not self.hsm.has_domain_key():
-            raise HsmError(f"token {config.token_label!r} holds no domain key")
         self.state = KmsState()
-        # New blobs are wrapped under the generation the replicated state calls active.
-        self.hsm.generation_source = lambda: self.state.active_generation
         self._raft_password = config.raft_password.read("Raft password")
         self.raft = RaftNode(RaftSettings(
             self_address=config.raft_address, peer_addresses=membership_peers(config),
@@ -102,20 +88,10 @@ class Node:
             compaction_min_entries=config.compaction_min_entries,
             compaction_min_seconds=config.compaction_min_seconds), self.state,
             self._on_applied)
-        self.core = ServiceCore(self.state, self.raft, self.hsm, self.clock,
-                                config.account_id, config.regions)
-        # Asymmetric and HMAC keys: cheap token calls inline, slow ones (RSA) in an HSM helper
-        # process with its own login to the same token.
-        self.asymmetric = AsymmetricHsm.for_node(self.core, self.hsm, WorkerSettings(
-            config.hsm_module, config.token_label, config.pin.read("HSM PIN"),
-            config.softhsm2_conf))
-        self.core.allow_host_oaep_decoding = config.allow_host_oaep_decoding
-        self.effects = ReplicaEffects(self.core, self.hsm, self.asymmetric)
-        self.credentials = CredentialStore(self.state, self.hsm)
-        self.authenticator = Authenticator(
-            # SigV4 checks skew against real time, never the (test-adjustable) proposer clock.
-            SigV4Verifier("kms", frozenset(config.regions), clock=time.time),
-            self.credentials)
+        self.parts = serving_parts(config, self.state, self.raft, clock)
+        self.clock, self.hsm, self.core = self.parts.clock, self.parts.hsm, self.parts.core
+        self.asymmetric, self.effects = self.parts.asymmetric, self.parts.effects
+        self.credentials, self.authenticator = self.parts.credentials, self.parts.authenticator
         self.audit_sink = SegmentSink(os.path.join(config.data_dir, "audit"))
         self.metrics = NodeMetrics(NodeFacts(
             node_id=config.node_id, az=config.az, region=config.default_region,
@@ -162,7 +138,7 @@ class Node:
         """Unwrapped keys this node holds as HSM session objects (on the event loop's side),
         its API workers' included."""
         workers = self.workers.reported("cached_handles") if self.workers else 0
-        return self.hsm.cached_handles + self.asymmetric.router.inline.cached_handles + workers
+        return self.parts.cached_handles() + workers
 
     def _cache_counts(self) -> tuple[int, int]:
         hits, misses = self.hsm.handle_cache_hits, self.hsm.handle_cache_misses
@@ -361,10 +337,8 @@ class Node:
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             host, _, port = listen.rpartition(":")
-            context = (server_context(CertificatePaths(self.config.tls_certificate,
-                                                       self.config.tls_key))
-                       if self.config.tls_certificate and self.config.tls_key else None)
-            await web.TCPSite(runner, host, int(port), ssl_context=context).start()
+            await web.TCPSite(runner, host, int(port),
+                              ssl_context=tls_server_context(self.config)).start()
             self._runners.append(runner)
         if self.workers is not None:
             await self.workers.start()

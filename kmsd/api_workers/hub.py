@@ -11,8 +11,9 @@ threads: FACTS.md §0.1).
 A worker's copy of the state follows the primary's exactly: on connecting it
 receives a snapshot taken on the Raft tick thread, between two applies, and
 from then on every entry the primary applies, in log order, as the log holds
-it. Whenever the primary installs a snapshot from the leader the workers get
-it too.
+it (but audit batches, of which it gets only the key uses). Whenever the
+primary installs a snapshot from the leader, the workers are started again
+from it.
 
 Reads after writes: a write (any command but an audit batch or a barrier) is
 answered, whichever process served it, only after every worker has applied it
@@ -230,9 +231,7 @@ class WorkerHub:
         code = await self._loop.run_in_executor(None, _exit_code, pid)
         if code != 0:
             log.error("api_worker_snapshot_failed", index=link.index, code=code)
-            self._subscribers = tuple(s for s in self._subscribers if s is not link)
-            link.close()
-            link.kill()
+            self._drop(link)
             return
         link.release()
         link.send(wire.frame(wire.STATUS, self._status_body()))
@@ -266,9 +265,7 @@ class WorkerHub:
             pass
         except (wire.FrameError, ValueError, TypeError, msgpack.UnpackException) as exc:
             log.error("api_worker_protocol_error", index=link.index, error=str(exc))
-        self._subscribers = tuple(s for s in self._subscribers if s is not link)
-        link.close()
-        link.kill()
+        self._drop(link)
         code = await link.process.wait() if link.process is not None else None
         if self._links.get(link.index) is link:
             del self._links[link.index]
@@ -302,11 +299,15 @@ class WorkerHub:
         if subscribers and self._loop is not None:
             self._loop.call_soon_threadsafe(self._replace, subscribers)
 
-    @staticmethod
-    def _replace(links: tuple[_WorkerLink, ...]) -> None:
+    def _replace(self, links: tuple[_WorkerLink, ...]) -> None:
         for link in links:
-            link.close()
-            link.kill()  # _serve spawns it again
+            self._drop(link)
+
+    def _drop(self, link: _WorkerLink) -> None:
+        """Out of the feed, its end closed, its process killed (_serve spawns it again)."""
+        self._subscribers = tuple(s for s in self._subscribers if s is not link)
+        link.close()
+        link.kill()
 
     @staticmethod
     def _publish(subscribers: tuple[_WorkerLink, ...], data: bytes) -> None:
@@ -347,9 +348,7 @@ class WorkerHub:
             except TimeoutError:
                 # It cannot be trusted to serve what this write changed: replace it.
                 log.error("api_worker_stuck", index=link.index, pid=link.pid)
-                self._subscribers = tuple(s for s in self._subscribers if s is not link)
-                link.close()
-                link.kill()
+                self._drop(link)
 
     # -- calls --------------------------------------------------------------------
 

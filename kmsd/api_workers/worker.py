@@ -16,7 +16,6 @@ import os
 import pickle
 import signal
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,21 +27,15 @@ from cluster import commands
 from cluster.raft_node import RaftUnavailable
 from cluster.state import ApplyResult, KmsState
 from kmsd.api.api_app import make_api_app
-from kmsd.api.protocol import Authenticator, KmsProtocol
+from kmsd.api.protocol import KmsProtocol
 from kmsd.api.validation import RequestValidator
 from kmsd.api_workers import wire
 from kmsd.audit.chain import ChainedRecord
 from kmsd.audit.committer import AuditItem, AuditUnavailable
-from kmsd.auth.credentials import CredentialStore
-from kmsd.auth.sigv4 import SigV4Verifier
-from kmsd.clock import Clock, OffsetClock, SystemClock
+from kmsd.clock import Clock
 from kmsd.config import NodeConfig
-from kmsd.hsm.partition import HsmError, HsmPartition
-from kmsd.hsm.worker_process import WorkerSettings
-from kmsd.replica_effects import ReplicaEffects
-from kmsd.service.asymmetric_hsm import AsymmetricHsm
-from kmsd.service.core import ServiceCore
-from kmsd.tls import CertificatePaths, server_context
+from kmsd.hsm.partition import HsmError
+from kmsd.serving import serving_parts, tls_server_context
 
 log = structlog.get_logger("kmsd.api_worker")
 
@@ -243,39 +236,25 @@ class ApiWorker:
                  writer: asyncio.StreamWriter, clock: Clock | None = None) -> None:
         self.config = config
         self.index = index
-        if config.softhsm2_conf:
-            os.environ["SOFTHSM2_CONF"] = config.softhsm2_conf
-        self.clock = clock or (OffsetClock(config.clock_offset_file)
-                               if config.clock_offset_file else SystemClock())
-        self.hsm = HsmPartition(config.hsm_module, config.token_label, config.pin.read("HSM PIN"))
         self.state = KmsState()
-        self.hsm.generation_source = lambda: self.state.active_generation
         self.link = PrimaryLink(reader, writer, self.state, self._on_applied)
-        self.hsm.observe = self.link.observe_hsm
-        self.core = ServiceCore(self.state, RemoteRaft(self.link),  # type: ignore[arg-type]
-                                self.hsm, self.clock, config.account_id, config.regions)
-        self.core.allow_host_oaep_decoding = config.allow_host_oaep_decoding
-        self.asymmetric = AsymmetricHsm.for_node(self.core, self.hsm, WorkerSettings(
-            config.hsm_module, config.token_label, config.pin.read("HSM PIN"),
-            config.softhsm2_conf))
-        self.effects = ReplicaEffects(self.core, self.hsm, self.asymmetric)
+        self.parts = serving_parts(config, self.state,
+                                   RemoteRaft(self.link), clock)  # type: ignore[arg-type]
+        self.parts.hsm.observe = self.link.observe_hsm
         self.link.counts = self._counts
-        credentials = CredentialStore(self.state, self.hsm)
-        authenticator = Authenticator(SigV4Verifier("kms", frozenset(config.regions),
-                                                    clock=time.time), credentials)
-        self.protocol = KmsProtocol(self.core, authenticator, RequestValidator(),
-                                    self._not_ready, RemoteAuditCommitter(self.link),  # type: ignore[arg-type]
+        self.protocol = KmsProtocol(self.parts.core, self.parts.authenticator,
+                                    RequestValidator(), self._not_ready,
+                                    RemoteAuditCommitter(self.link),  # type: ignore[arg-type]
                                     config.node_id, self.link.observe)
         self._runner: web.AppRunner | None = None
 
     def _on_applied(self, command: commands.Command, result: ApplyResult) -> None:
-        self.effects.applied(command, result)
+        self.parts.effects.applied(command, result)
 
     def _counts(self) -> dict[str, int]:
-        return {"cached_handles": (self.hsm.cached_handles
-                                   + self.asymmetric.router.inline.cached_handles),
-                "cache_hits": self.hsm.handle_cache_hits,
-                "cache_misses": self.hsm.handle_cache_misses}
+        return {"cached_handles": self.parts.cached_handles(),
+                "cache_hits": self.parts.hsm.handle_cache_hits,
+                "cache_misses": self.parts.hsm.handle_cache_misses}
 
     def _not_ready(self) -> str | None:
         reason = self.link.status.get("not_ready")
@@ -300,52 +279,53 @@ class ApiWorker:
         return make_api_app(self.protocol.handle, readiness, render_metrics)
 
     async def run(self) -> None:
+        """Serve until SIGTERM or until the primary goes away."""
         loop = asyncio.get_running_loop()
-        self.effects.loop = loop
+        self.parts.effects.loop = loop
         feed = asyncio.create_task(self.link.run())
         reporter = asyncio.create_task(self.link.report_forever())
-        synced = asyncio.create_task(self.link.synced.wait())
-        await asyncio.wait({feed, synced}, return_when=asyncio.FIRST_COMPLETED)
-        if feed.done():
-            return  # the primary went away before we had a state
-        self.asymmetric.start()
-        # Writes the primary answers from now on wait for this copy; the ones answered
-        # before are all applied once SERVE is read (kmsd.api_workers.wire).
-        self.link.writer.write(wire.frame(wire.READY, b""))
-        serve = asyncio.create_task(self.link.may_serve.wait())
-        await asyncio.wait({feed, serve}, return_when=asyncio.FIRST_COMPLETED)
-        if feed.done():
-            return
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        host, _, port = self.config.api_listen.rpartition(":")
-        context = (server_context(CertificatePaths(self.config.tls_certificate,
-                                                   self.config.tls_key))
-                   if self.config.tls_certificate and self.config.tls_key else None)
-        # Listen only once the copy of the state is here: the kernel hands this socket
-        # connections as soon as it listens.
-        await web.TCPSite(self._runner, host, int(port), ssl_context=context,
-                          reuse_port=True).start()
-        log.info("api_worker_serving", index=self.index, pid=os.getpid())
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait({feed, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (reporter, stopper, synced):
-            task.cancel()
-        await self.stop()
-        feed.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await feed
+        try:
+            if not await self._first_of(feed, self.link.synced):
+                return  # the primary went away before we had a state
+            self.parts.asymmetric.start()
+            # Writes the primary answers from now on wait for this copy; the ones answered
+            # before are all applied once SERVE is read (kmsd.api_workers.wire).
+            self.link.writer.write(wire.frame(wire.READY, b""))
+            if not await self._first_of(feed, self.link.may_serve):
+                return
+            self._runner = web.AppRunner(self.app(), access_log=None)
+            await self._runner.setup()
+            host, _, port = self.config.api_listen.rpartition(":")
+            # Listen only once the copy of the state is here: the kernel hands this socket
+            # connections as soon as it listens.
+            await web.TCPSite(self._runner, host, int(port),
+                              ssl_context=tls_server_context(self.config),
+                              reuse_port=True).start()
+            log.info("api_worker_serving", index=self.index, pid=os.getpid())
+            stop = asyncio.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await self._first_of(feed, stop)
+        finally:
+            reporter.cancel()
+            feed.cancel()
+            await self.stop()
+
+    @staticmethod
+    async def _first_of(feed: asyncio.Task[None], event: asyncio.Event) -> bool:
+        """Wait for `event` or the end of the feed; True if the event came first."""
+        waiter = asyncio.create_task(event.wait())
+        await asyncio.wait({feed, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        return event.is_set()
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
         with contextlib.suppress(HsmError):
-            await self.asymmetric.stop()
-        self.core.key_stores.close_all()
-        self.hsm.close()
+            await self.parts.asymmetric.stop()
+        self.parts.core.key_stores.close_all()
+        self.parts.hsm.close()
 
 
 async def serve_worker(config: NodeConfig, fd: int, index: int) -> None:

@@ -251,6 +251,13 @@ def test_domain_rotation_rewraps_everything_online(rotating_cluster_with_workers
         again.stop()
 
 
+def cloning_waits_for(cluster: Cluster, leader: int, member: int) -> bool:
+    """`leader` reports that its rotation is cloning the new key and waits for `member`."""
+    status = domain_status(cluster, leader)
+    return (status["Phase"] == "cloning"
+            and f"node-{member + 1}" in (status["LeaderProgress"] or ""))
+
+
 def test_rotation_waits_for_a_member_that_is_down_and_survives_a_leader_change(
         rotating_cluster: Cluster) -> None:
     cluster = rotating_cluster
@@ -263,14 +270,8 @@ def test_rotation_waits_for_a_member_that_is_down_and_survives_a_leader_change(
 
     requested = kmsctl(cluster, "domain", "rotate", "--no-wait", node=leader)
     assert requested.returncode == 0, requested.stderr
-    down_id = f"node-{down + 1}"
-
-    def waiting_for_the_member_that_is_down() -> bool:
-        status = domain_status(cluster, leader)
-        return (status["Phase"] == "cloning"
-                and down_id in (status["LeaderProgress"] or ""))
-
-    wait_for(waiting_for_the_member_that_is_down, 20, what="the leader to wait for a member")
+    wait_for(lambda: cloning_waits_for(cluster, leader, down), 20,
+             what="the leader to wait for a member")
     # Nothing was re-wrapped while a member lacks the new key.
     status = domain_status(cluster, leader)
     assert status["ActiveGeneration"] == 1
@@ -283,14 +284,8 @@ def test_rotation_waits_for_a_member_that_is_down_and_survives_a_leader_change(
     cluster.kill(leader)
     cluster.restart(down, wait=False)
     new_leader = wait_for(lambda: cluster.leader([other, down]), 60, what="a new leader")
-    leader_id = f"node-{leader + 1}"
-
-    def waiting_for_the_old_leader() -> bool:
-        status = domain_status(cluster, new_leader)
-        return (status["Phase"] == "cloning"
-                and leader_id in (status["LeaderProgress"] or ""))
-
-    wait_for(waiting_for_the_old_leader, 30, what="the new leader to wait for the old one")
+    wait_for(lambda: cloning_waits_for(cluster, new_leader, leader), 30,
+             what="the new leader to wait for the old one")
     cluster.restart(leader, wait=False)
     for node in range(cluster.size):
         wait_for(lambda n=node: cluster.ready(n), 60, what=f"node {node} ready")
