@@ -199,6 +199,51 @@ def test_record_json_round_trip() -> None:
             ChainedRecord.from_json_dict(broken)
 
 
+def _line_by_definition(record: ChainedRecord) -> bytes:
+    return canonical_bytes(record.to_json_dict()) + b"\n"
+
+
+class _Node(StrEnum):
+    CAFE = "caf\u00e9"
+
+
+hex_hashes = st.binary(min_size=32, max_size=32).map(bytes.hex)
+events = st.dictionaries(st.text(), json_values, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 2**53 - 1), hex_hashes, hex_hashes,
+       st.text(st.characters() | st.integers(0xD800, 0xDFFF).map(chr)), st.booleans(), events)
+def test_a_line_is_the_canonical_encoding_of_the_record(seq: int, digest: str, prev: str,
+                                                        node: str, revoked: bool,
+                                                        event: dict[str, Any]) -> None:
+    # node covers every code point: quotes, backslashes, control characters, non-ASCII,
+    # astral characters and lone surrogates, all of which must be escaped.
+    record = ChainedRecord(seq, prev, digest, node, revoked, canonical_bytes(event))
+    assert record.to_line() == _line_by_definition(record)
+
+
+@pytest.mark.parametrize("change", [
+    {"seq": 0}, {"seq": -3}, {"seq": True}, {"hash": 'not "hex"\n'}, {"prev_hash": None},
+    {"revoked": None}, {"node": _Node.CAFE},
+])
+def test_a_line_of_unusual_values_is_still_the_canonical_encoding(change: dict[str, Any]
+                                                                 ) -> None:
+    # Values no chained record holds (link and from_json_dict never make them) are encoded
+    # exactly as the general encoder does.
+    _, records = chained(1)
+    record = dataclasses.replace(records[0], **change)
+    assert record.to_line() == _line_by_definition(record)
+
+
+@pytest.mark.parametrize("change", [{"seq": 2**53}, {"seq": 1.0}, {"node": b"n"},
+                                    {"hash": 7.5}, {"revoked": float("nan")}])
+def test_a_line_of_unencodable_values_is_refused(change: dict[str, Any]) -> None:
+    _, records = chained(1)
+    with pytest.raises(CanonicalEncodingError):
+        dataclasses.replace(records[0], **change).to_line()
+
+
 # -- verification ---------------------------------------------------------------------------------
 
 def test_a_good_chain_verifies() -> None:
