@@ -351,18 +351,24 @@ class SegmentWriter:
     # -- appending --
 
     def _new_records(self, records: Sequence[ChainedRecord]) -> list[ChainedRecord]:
-        head, fresh = self._head, []
+        # Runs for every record the node applies: the head checked against is kept in locals
+        # rather than in a ChainHead made per record.
+        head = self._head
+        known = head is not None  # an empty directory accepts any first record
+        seq, digest = (head.seq, head.hash) if head is not None else (0, "")
+        fresh: list[ChainedRecord] = []
         for record in records:
-            if head is not None and record.seq <= head.seq:
-                if record.seq == head.seq and record.hash != head.hash:
+            if known:
+                if record.seq <= seq:
+                    if record.seq == seq and record.hash != digest:
+                        raise ChainContinuityError(
+                            f"seq {record.seq} is already on disk with a different hash")
+                    continue  # already written: a replay
+                if record.seq != seq + 1 or record.prev_hash != digest:
                     raise ChainContinuityError(
-                        f"seq {record.seq} is already on disk with a different hash")
-                continue  # already written: a replay
-            if head is not None and (record.seq != head.seq + 1 or record.prev_hash != head.hash):
-                raise ChainContinuityError(
-                    f"seq {record.seq} does not continue the chain at seq {head.seq}")
+                        f"seq {record.seq} does not continue the chain at seq {seq}")
             fresh.append(record)
-            head = ChainHead(record.seq, record.hash)
+            seq, digest, known = record.seq, record.hash, True
         return fresh
 
     def _start_segment(self, first_seq: int) -> None:

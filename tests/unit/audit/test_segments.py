@@ -149,6 +149,31 @@ def test_writer_refuses_records_that_break_the_chain(tmp_path: Path) -> None:
     assert verify_directory(tmp_path).ok
 
 
+def test_continuity_is_checked_within_a_batch_too(tmp_path: Path) -> None:
+    _, records = chained(6)
+    _, other = chained(6, node="node-b")
+    # An empty directory takes any first record, and the rest of its batch must follow it.
+    with SegmentWriter(tmp_path / "gap") as writer:
+        with pytest.raises(ChainContinuityError, match="seq 5 does not continue .* seq 3"):
+            writer.append([records[2], records[4]])
+        assert writer.head is None
+    for name, batch, message in (("fork", [records[2], other[2]], "different hash"),
+                                 ("link", [records[2], other[3]], "seq 4 does not continue")):
+        with SegmentWriter(tmp_path / name) as writer, pytest.raises(ChainContinuityError,
+                                                                     match=message):
+            writer.append(batch)
+    # A record repeated within a batch is a replay like any other.
+    with SegmentWriter(tmp_path / "repeat") as writer:
+        assert writer.append([records[2], records[3], records[3], records[2], records[4]]) == 3
+        assert writer.head == ChainHead(5, records[4].hash)
+        assert writer.append(records[:5]) == 0
+        assert writer.append([other[3]]) == 0  # below the head: only the head's hash is known
+        with pytest.raises(ChainContinuityError, match="seq 5 is already on disk"):
+            writer.append([other[4]])
+        assert writer.append(records) == 1
+    assert list(read_records(tmp_path / "repeat")) == records[2:]
+
+
 def test_a_fresh_directory_may_start_mid_chain(tmp_path: Path) -> None:
     # A node restored from a snapshot writes only what it applies after the snapshot.
     chain, records = chained(8)
