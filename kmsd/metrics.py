@@ -99,11 +99,13 @@ class NodeMetrics:
             "kmsd_audit_commit_failures", "Audit records that could not be committed.",
             registry=registry)
         registry.register(_StateCollector(facts))
-        # The labelled children of the request metrics. labels() validates the names and
+        # The labelled children of the request and HSM metrics. labels() validates the names and
         # takes the metric's lock on every call; the children never change once made (no
         # metric here is ever cleared), so each is looked up once.
         self._request_counts: dict[tuple[str, str], Any] = {}
         self._request_durations: dict[str, Any] = {}
+        self._hsm_durations: dict[str, Any] = {}
+        self._hsm_errors: dict[str, Any] = {}
 
     def observe_request(self, operation: str, outcome: str, seconds: float) -> None:
         count = self._request_counts.get((operation, outcome))
@@ -118,9 +120,15 @@ class NodeMetrics:
         duration.observe(seconds)
 
     def observe_hsm(self, call: str, seconds: float, failed: bool) -> None:
-        self.hsm_duration.labels(call).observe(seconds)
+        duration = self._hsm_durations.get(call)
+        if duration is None:
+            duration = self._hsm_durations[call] = self.hsm_duration.labels(call)
+        duration.observe(seconds)
         if failed:
-            self.hsm_errors.labels(call).inc()
+            errors = self._hsm_errors.get(call)
+            if errors is None:
+                errors = self._hsm_errors[call] = self.hsm_errors.labels(call)
+            errors.inc()
 
     def observe_audit_batch(self, size: int, seconds: float) -> None:
         self.audit_batch_size.observe(size)
