@@ -252,18 +252,15 @@ class WorkerHub:
                     if future is not None and not future.done():
                         future.set_result(None)
                 elif kind == wire.OBSERVED:
-                    for observed in msgpack.unpackb(body):
-                        if observed[0] == wire.OBSERVED_REQUEST:
-                            self.observe_request(*observed[1:4])
-                        elif observed[0] == wire.OBSERVED_HSM:
-                            self.observe_hsm(*observed[1:4])
+                    self._observed(body)
                 elif kind == wire.COUNTS:
                     link.counts = {str(k): int(v) for k, v in msgpack.unpackb(body).items()}
                 else:
                     raise wire.FrameError(f"unknown frame kind {kind!r}")
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
-        except (wire.FrameError, ValueError, TypeError, msgpack.UnpackException) as exc:
+        except (wire.FrameError, ValueError, TypeError, IndexError,
+                msgpack.UnpackException) as exc:
             log.error("api_worker_protocol_error", index=link.index, error=str(exc))
         self._drop(link)
         code = await link.process.wait() if link.process is not None else None
@@ -272,6 +269,19 @@ class WorkerHub:
         if not self._stopping and link.process is not None:
             log.warning("api_worker_exited", index=link.index, code=code)
             self._spawn_soon(link.index, RESPAWN_DELAY_SECONDS)
+
+    def _observed(self, body: bytes) -> None:
+        """One OBSERVED frame into the node's metrics. Every request and HSM call the workers
+        answer passes through here, on the primary's event loop: no per-item slicing or
+        attribute lookups. An item too short is a protocol error (IndexError)."""
+        observe_request, observe_hsm = self.observe_request, self.observe_hsm
+        request, hsm = wire.OBSERVED_REQUEST, wire.OBSERVED_HSM
+        for observed in msgpack.unpackb(body, use_list=False):
+            kind = observed[0]
+            if kind == request:
+                observe_request(observed[1], observed[2], observed[3])
+            elif kind == hsm:
+                observe_hsm(observed[1], observed[2], observed[3])
 
     # -- the state feed (tick thread) -------------------------------------------
 

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
+import pytest
 
 from cluster import commands
 from cluster.raft_node import RaftNode, RaftSettings
@@ -192,3 +193,17 @@ def test_a_workers_writes_and_audit_records_go_through_the_primary(tmp_path) -> 
         await _until(lambda: primary.hub.reported("cached_handles") == 3, 3, "counts reported")
         reporter.cancel()
     _run(tmp_path, 21764, scenario)
+
+
+def test_observed_frames_reach_the_metrics_in_order() -> None:
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+    hub = WorkerHub(0, [], None, None, None, dict, bytes, dict,  # type: ignore[arg-type]
+                    lambda *a: calls.append(("request", a)), lambda *a: calls.append(("hsm", a)))
+    hub._observed(msgpack.packb([[wire.OBSERVED_REQUEST, "Decrypt", "ok", 0.002],
+                                 [wire.OBSERVED_HSM, "decrypt", 0.0001, True],
+                                 ["?", "a later kind", 1, 2],
+                                 [wire.OBSERVED_REQUEST, "Encrypt", "ok", 0.5, "more"]]))
+    assert calls == [("request", ("Decrypt", "ok", 0.002)), ("hsm", ("decrypt", 0.0001, True)),
+                     ("request", ("Encrypt", "ok", 0.5))]
+    with pytest.raises(IndexError):  # a protocol error: _serve drops the worker
+        hub._observed(msgpack.packb([[wire.OBSERVED_HSM, "decrypt", 0.0001]]))
