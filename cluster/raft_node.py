@@ -47,10 +47,11 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replic
 
 from cluster import commands, journal, raft_wire
 from cluster.state import ApplyResult, KmsState
-from cluster.syncobj_guard import GuardedSyncObj
+from cluster.syncobj_guard import PEER_MESSAGE_PREFIX, GuardedSyncObj
 
 AppliedListener = Callable[[commands.Command, ApplyResult], None]
 PackedListener = Callable[[bytes, commands.Command, ApplyResult], None]
+PeerMessageHandler = Callable[[str, dict[str, Any]], None]
 
 _FAIL_NAMES = {value: name for name, value in vars(FAIL_REASON).items() if name.isupper()}
 
@@ -127,6 +128,7 @@ class RaftNode:
         self._status_lock = threading.Lock()
         # Calls that touch pysyncobj internals run on its tick thread, queued here.
         self._tick_jobs: deque[Callable[[], None]] = deque()
+        self._peer_handler: PeerMessageHandler | None = None
 
     def start(self) -> None:
         os.makedirs(self.settings.data_dir, exist_ok=True)
@@ -148,6 +150,7 @@ class RaftNode:
                                        conf=conf, consumers=[self._consumer],
                                        encryptor=raft_wire.AeadEncryptor(self.settings.password))
         self._syncobj.addOnTickCallback(self._run_tick_jobs)
+        self._syncobj.peer_message_handler = self._peer_message
         log = self._syncobj._SyncObj__raftLog
         if isinstance(log, journal.ScrubbingFileJournal):
             syncobj = self._syncobj
@@ -165,6 +168,66 @@ class RaftNode:
     def call_on_tick(self, job: Callable[[], None]) -> None:
         """Run `job` on the tick thread between two ticks: no entry is applied meanwhile."""
         self._tick_jobs.append(job)
+
+    def on_peer_message(self, handler: PeerMessageHandler) -> None:
+        """Hear the messages other nodes send with `send_to_leader`/`send_to`, on the tick
+        thread: handler(sender address, message)."""
+        self._peer_handler = handler
+
+    def _peer_message(self, node: Any, message: dict[str, Any]) -> None:
+        if self._peer_handler is not None:
+            self._peer_handler(str(node.address), message)
+
+    def leader_address(self) -> str | None:
+        """The address of the leader this node knows of, if it is itself or connected."""
+        syncobj = self._syncobj
+        if syncobj is None:
+            return None
+        leader = syncobj._getLeader()
+        if leader is None or not (leader == syncobj.selfNode or syncobj.isNodeConnected(leader)):
+            return None
+        return str(leader.address)
+
+    def send_to_leader(self, message: dict[str, Any]) -> str | None:
+        """Send `message` (a dict whose "type" starts with "kmsd_") to the current leader
+        over the Raft connection, from the tick thread; the leader's address, or None when
+        no leader is reachable (nothing is sent). Delivery is not confirmed: a sender that
+        needs an answer waits for one, with a timeout."""
+        address = self.leader_address()
+        if address is None or self._syncobj is None:
+            return None
+        if address == str(self._syncobj.selfNode.address):
+            return None
+        self._send_on_tick(address, message)
+        return address
+
+    def send_to(self, address: str, message: dict[str, Any]) -> None:
+        """Send `message` to the member at `address`, from the tick thread (any thread may
+        call this)."""
+        self._send_on_tick(address, message)
+
+    def send_now(self, address: str, message: dict[str, Any]) -> None:
+        """`send_to` for a caller already on the tick thread (a peer message handler)."""
+        syncobj = self._syncobj
+        if syncobj is None:
+            return
+        for node in syncobj.otherNodes:
+            if str(node.address) == address:
+                syncobj._SyncObj__transport.send(node, message)
+                return
+
+    def _send_on_tick(self, address: str, message: dict[str, Any]) -> None:
+        if not message.get("type", "").startswith(PEER_MESSAGE_PREFIX):
+            raise ValueError("a peer message type starts with " + PEER_MESSAGE_PREFIX)
+        self.call_on_tick(lambda: self.send_now(address, message))
+        self._wake_tick()
+
+    def _wake_tick(self) -> None:
+        # The tick thread sleeps in its poller until a socket event or the tick period;
+        # queued work should not wait for either.
+        notifier = getattr(self._syncobj, "_SyncObj__pipeNotifier", None)
+        if notifier is not None:
+            notifier.notify()
 
     def follow(self, on_packed: PackedListener, on_restored: Callable[[], None]) -> None:
         """Hear every applied entry (as logged) and every installed snapshot, on the tick

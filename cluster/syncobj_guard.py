@@ -50,6 +50,8 @@ from typing import Any
 
 from pysyncobj import SyncObj
 
+PEER_MESSAGE_PREFIX = "kmsd_"
+
 
 class GuardedSyncObj(SyncObj):
     def __init__(self, *args: Any, encryptor: Any = None, **kwargs: Any) -> None:
@@ -59,6 +61,7 @@ class GuardedSyncObj(SyncObj):
         if encryptor is not None and getattr(conf, "password", None) is None:
             raise ValueError("an encryptor needs conf.password set (see module docstring)")
         self._wire_encryptor = encryptor
+        self.peer_message_handler: Any = None
         super().__init__(*args, **kwargs)
 
     @property
@@ -73,7 +76,15 @@ class GuardedSyncObj(SyncObj):
     # The name is pysyncobj's private handler, which SyncObj registers with its
     # transport through the instance, so this override receives every message.
     def _SyncObj__onMessageReceived(self, node: Any, message: dict[str, Any]) -> None:  # noqa: N802
-        if message.get("type") == "next_node_idx":
+        kind = message.get("type")
+        if isinstance(kind, str) and kind.startswith(PEER_MESSAGE_PREFIX):
+            # Not Raft: messages between the nodes' services (see RaftNode.send_to_leader),
+            # carried by the authenticated, encrypted Raft connections.
+            handler = self.peer_message_handler
+            if handler is not None:
+                handler(node, message)
+            return
+        if kind == "next_node_idx":
             self._on_next_node_idx(node, message)
             return
         if message.get("type") != "append_entries" or "prevLogIdx" in message:

@@ -127,8 +127,10 @@ class Node:
 
     def _on_applied(self, command: commands.Command, result: object) -> None:
         """Runs on the Raft thread after every apply: side effects that live outside the state."""
-        if isinstance(command, commands.AppendAudit) and isinstance(result, Applied):
-            self.audit_sink.put(result.value)
+        if isinstance(command, commands.AppendAudit):
+            if isinstance(result, Applied):
+                self.audit_sink.put(result.value)
+            self.audit.on_applied(command, result)  # type: ignore[arg-type]
             return
         if self.effects.applied(command, result) and isinstance(command, commands.DeleteKey):
             # The journal is compacted so the deleted material leaves the disk.
@@ -321,6 +323,7 @@ class Node:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.audit.attach(self._loop)
         self.effects.loop = self._loop
         self.asymmetric.start()
         self.raft.start()
