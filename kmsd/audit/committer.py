@@ -140,7 +140,7 @@ class AuditCommitter:
     def __init__(self, raft: RaftNode, max_batch: int = 500, timeout: float = 5.0,
                  on_batch: Callable[[int, float], None] = lambda _n, _s: None,
                  on_failure: Callable[[int], None] = lambda _n: None,
-                 leader_wait: float = 3.0) -> None:
+                 leader_wait: float = 3.0, forwards_in_flight: int = 2) -> None:
         self.raft = raft
         self.leader_wait = leader_wait
         # Hooks for metrics: (batch size, commit seconds) and (records that failed).
@@ -159,6 +159,10 @@ class AuditCommitter:
         self._awaiting: dict[bytes, tuple[asyncio.Future[ChainedRecord], _Forward]] = {}
         self._forwards: dict[int, _Forward] = {}
         self._next_token = 0
+        # A follower keeps this many forwarded batches on their way at once: its records
+        # then wait for about one leader commit, not for the batch ahead of theirs too.
+        self.forwards_in_flight = forwards_in_flight
+        self._sending: set[asyncio.Task[None]] = set()
         raft.on_peer_message(self._on_peer_message)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -196,6 +200,10 @@ class AuditCommitter:
             # Let the requests that are already runnable join the first batch.
             await asyncio.sleep(0)
             while self._pending or self._forwarded:
+                if (self._sending and len(self._sending) >= self.forwards_in_flight
+                        and not self.raft.is_leader):
+                    await asyncio.wait(self._sending, return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 count = min(len(self._pending), self.max_batch)
                 batch = [self._pending.popleft() for _ in range(count)]
                 if self.raft.is_leader:
@@ -204,10 +212,19 @@ class AuditCommitter:
                     await self._commit_batch(batch, forwarded)
                     continue
                 self._refuse_forwarded("this node is not the Raft leader")
-                if batch and not await self._forward_batch(batch):
-                    await self._commit_batch(batch, [])
+                if batch:
+                    task = asyncio.get_running_loop().create_task(self._send_batch(batch))
+                    self._sending.add(task)
+                    task.add_done_callback(self._sending.discard)
+                    # Let the requests already runnable join the next batch.
+                    await asyncio.sleep(0)
         finally:
             self._flusher = None
+
+    async def _send_batch(
+            self, batch: list[tuple[AuditItem, asyncio.Future[ChainedRecord]]]) -> None:
+        if not await self._forward_batch(batch):
+            await self._commit_batch(batch, [])
 
     async def _commit_batch(
             self, batch: list[tuple[AuditItem, asyncio.Future[ChainedRecord]]],
