@@ -1,4 +1,5 @@
-"""Group commit of audit records through Raft: fail-closed, one batch in flight.
+"""Group commit of audit records through Raft: fail-closed, one batch in flight on the
+leader, and a follower's batches forwarded to it.
 
 Every request's record is handed to `AuditCommitter.commit`, which resolves
 once the record is committed by a Raft majority and applied on this node,
@@ -23,13 +24,17 @@ One batcher for the whole cluster: a follower does not commit its batches itself
 3-node cluster however few records it holds: bench/raft_batch_cost.py). It sends
 them to the leader over the Raft connection (`kmsd_audit`), and the leader's
 committer puts them in its own next entry, so an entry carries the records of
-every node. The follower learns its records are committed when it applies that
-entry: it finds them by their event bytes, which are unique (each event has its
-own id). A forwarded batch fails (AuditUnavailable, so the requests fail and
-nothing is acknowledged without its record) when the leader refuses it, when the
-leader changes before it is applied, or after the commit timeout. Its records may
-still commit in the first two cases, as any command whose leader is lost might:
-an audit record then exists for a request that failed, never the reverse.
+every node. A follower keeps up to two forwarded batches on their way, so its
+records wait for about one leader commit, not two. The follower learns its
+records are committed when it applies that entry: it finds them by their event
+bytes, which are unique (each event has its own id). A forwarded batch fails
+(AuditUnavailable: the requests fail, nothing is acknowledged without its
+record) when the leader refuses it, when the leader changes before it is
+applied, or after the commit timeout. Its records may still commit after a
+leader change or a timeout, as any command whose leader is lost might: an audit
+record then exists for a request that failed, never the reverse. A failed batch
+is not sent again: were the first copy committed too, one request would have two
+records.
 
 Never holds plaintext: the entries are canonical CloudTrail-shaped events,
 already stripped of every secret member by kmsd.audit.record.
