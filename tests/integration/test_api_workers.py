@@ -60,8 +60,13 @@ def test_the_workers_serve_the_api_port_and_every_request_is_audited_once(
         assert plain["Plaintext"] == b"spread"
         answered.append(plain["ResponseMetadata"]["RequestId"])
 
-    served_by = Counter(line.get("api_worker") for line in request_lines(node)
-                        if line["request_id"] in set(answered))
+    # An access line is held until its loop's next turn (kmsd.log_setup), which may come
+    # after the answer has reached the client: wait for the last one.
+    def all_logged() -> Counter[Any] | None:
+        served = Counter(line.get("api_worker") for line in request_lines(node)
+                         if line["request_id"] in set(answered))
+        return served if sum(served.values()) >= len(answered) else None
+    served_by = wait_for(all_logged, 10, what="an access line for every answered request")
     # Only workers serve the API; the kernel spread the connections over both.
     assert set(served_by) == set(range(WORKERS)), served_by
     assert sum(served_by.values()) == len(answered)
