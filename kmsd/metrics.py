@@ -76,6 +76,22 @@ class _StateCollector(Collector):
                                     "When this node's TLS certificate expires.", value=expiry)
 
 
+class _Children:
+    """A metric's labelled children, each looked up once. labels() validates the names and
+    takes the metric's lock on every call; the children never change once made (no metric
+    here is ever cleared)."""
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._made: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *labels: str) -> Any:
+        child = self._made.get(labels)
+        if child is None:
+            child = self._made[labels] = self._metric.labels(*labels)
+        return child
+
+
 class NodeMetrics:
     def __init__(self, facts: NodeFacts) -> None:
         self.registry = CollectorRegistry()
@@ -99,36 +115,19 @@ class NodeMetrics:
             "kmsd_audit_commit_failures", "Audit records that could not be committed.",
             registry=registry)
         registry.register(_StateCollector(facts))
-        # The labelled children of the request and HSM metrics. labels() validates the names and
-        # takes the metric's lock on every call; the children never change once made (no
-        # metric here is ever cleared), so each is looked up once.
-        self._request_counts: dict[tuple[str, str], Any] = {}
-        self._request_durations: dict[str, Any] = {}
-        self._hsm_durations: dict[str, Any] = {}
-        self._hsm_errors: dict[str, Any] = {}
+        self._request_count = _Children(self.requests)
+        self._request_duration = _Children(self.request_duration)
+        self._hsm_duration = _Children(self.hsm_duration)
+        self._hsm_errors = _Children(self.hsm_errors)
 
     def observe_request(self, operation: str, outcome: str, seconds: float) -> None:
-        count = self._request_counts.get((operation, outcome))
-        if count is None:
-            count = self._request_counts[operation, outcome] = self.requests.labels(
-                operation, outcome)
-        count.inc()
-        duration = self._request_durations.get(operation)
-        if duration is None:
-            duration = self._request_durations[operation] = self.request_duration.labels(
-                operation)
-        duration.observe(seconds)
+        self._request_count(operation, outcome).inc()
+        self._request_duration(operation).observe(seconds)
 
     def observe_hsm(self, call: str, seconds: float, failed: bool) -> None:
-        duration = self._hsm_durations.get(call)
-        if duration is None:
-            duration = self._hsm_durations[call] = self.hsm_duration.labels(call)
-        duration.observe(seconds)
+        self._hsm_duration(call).observe(seconds)
         if failed:
-            errors = self._hsm_errors.get(call)
-            if errors is None:
-                errors = self._hsm_errors[call] = self.hsm_errors.labels(call)
-            errors.inc()
+            self._hsm_errors(call).inc()
 
     def observe_audit_batch(self, size: int, seconds: float) -> None:
         self.audit_batch_size.observe(size)
