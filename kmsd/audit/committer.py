@@ -108,9 +108,7 @@ class AuditMetrics:
 class _Forward:
     """A batch a follower sent to the leader: settled as its records are applied here."""
 
-    def __init__(self, token: int, event_bytes: list[bytes],
-                 done: asyncio.Future[None]) -> None:
-        self.token = token
+    def __init__(self, event_bytes: list[bytes], done: asyncio.Future[None]) -> None:
         self.event_bytes = event_bytes
         self.unsettled = len(event_bytes)
         self.done = done
@@ -205,8 +203,7 @@ class AuditCommitter:
             # Let the requests that are already runnable join the first batch.
             await asyncio.sleep(0)
             while self._pending or self._forwarded:
-                if (self._sending and len(self._sending) >= self.forwards_in_flight
-                        and not self.raft.is_leader):
+                if len(self._sending) >= self.forwards_in_flight and not self.raft.is_leader:
                     await asyncio.wait(self._sending, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 count = min(len(self._pending), self.max_batch)
@@ -276,7 +273,7 @@ class AuditCommitter:
         started = time.perf_counter()
         token = self._next_token
         self._next_token += 1
-        forward = _Forward(token, [item[0] for item, _ in batch], loop.create_future())
+        forward = _Forward([item[0] for item, _ in batch], loop.create_future())
         for item, future in batch:
             self._awaiting[item[0]] = (future, forward)
         self._forwards[token] = forward
@@ -291,9 +288,9 @@ class AuditCommitter:
             if forward.done.done():
                 break
             if loop.time() >= deadline:
-                self._fail_forward(token, "audit commit timed out")
+                self._fail(forward, "audit commit timed out")
             elif self.raft.leader_address() != leader:
-                self._fail_forward(token, "the Raft leader changed")
+                self._fail(forward, "the Raft leader changed")
         self._forwards.pop(token, None)
         if forward.refused is None:
             elapsed = time.perf_counter() - started
@@ -310,7 +307,11 @@ class AuditCommitter:
 
     def _fail_forward(self, token: int, reason: str) -> None:
         forward = self._forwards.get(token)
-        if forward is None or forward.done.done():
+        if forward is not None:
+            self._fail(forward, reason)
+
+    def _fail(self, forward: _Forward, reason: str) -> None:
+        if forward.done.done():
             return
         forward.refused = reason
         failed = 0
@@ -367,21 +368,21 @@ class AuditCommitter:
                 forward.done.set_result(None)
 
     def _settle_refused(self, event_bytes: list[bytes], reason: str) -> None:
-        tokens = {waiting[1].token for e in event_bytes
-                  if (waiting := self._awaiting.get(e)) is not None}
-        for token in tokens:
-            self._fail_forward(token, reason)
+        forwards = {waiting[1] for e in event_bytes
+                    if (waiting := self._awaiting.get(e)) is not None}
+        for forward in forwards:
+            self._fail(forward, reason)
 
     # -- the leader's side --------------------------------------------------------------
 
     def _on_peer_message(self, sender: str, message: dict[str, Any]) -> None:
         """On the Raft thread: a follower's batch, or the leader refusing ours."""
-        kind, token, loop = message.get("type"), message.get("token"), self._loop
+        kind, token = message.get("type"), message.get("token")
         if type(token) is not int:
             return
         if kind == FORWARD:
             items = checked_items(message.get("items"))
-            if (items is None or loop is None or not self.raft.is_leader
+            if (items is None or not self.raft.is_leader
                     or not self._call_soon(self._take_forwarded, sender, token, items)):
                 self.raft.send_now(sender, {"type": REFUSED, "token": token,
                                             "reason": "not taken by the leader"})
