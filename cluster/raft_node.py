@@ -180,13 +180,8 @@ class RaftNode:
 
     def leader_address(self) -> str | None:
         """The address of the leader this node knows of, if it is itself or connected."""
-        syncobj = self._syncobj
-        if syncobj is None:
-            return None
-        leader = syncobj._getLeader()
-        if leader is None or not (leader == syncobj.selfNode or syncobj.isNodeConnected(leader)):
-            return None
-        return str(leader.address)
+        leader = self._reachable_leader()
+        return None if leader is None else str(leader.address)
 
     def send_to_leader(self, message: dict[str, Any]) -> str | None:
         """Send `message` (a dict whose "type" starts with "kmsd_") to the current leader
@@ -382,9 +377,13 @@ class RaftNode:
         """A leader is known and reachable: this node, or one it is connected to. A follower
         keeps naming a dead leader until its election timeout, and longer while it cannot
         reach a quorum; a command sent there meanwhile only times out."""
+        return self._reachable_leader() is not None
+
+    def _reachable_leader(self) -> Any:
         syncobj = self._syncobj
         if syncobj is None:
-            return False
+            return None
         leader = syncobj._getLeader()
-        return leader is not None and (leader == syncobj.selfNode
-                                       or syncobj.isNodeConnected(leader))
+        if leader is None or not (leader == syncobj.selfNode or syncobj.isNodeConnected(leader)):
+            return None
+        return leader
