@@ -87,7 +87,7 @@ class GuardedSyncObj(SyncObj):
         if kind == "next_node_idx":
             self._on_next_node_idx(node, message)
             return
-        if message.get("type") != "append_entries" or "prevLogIdx" in message:
+        if kind != "append_entries" or "prevLogIdx" in message:
             super()._SyncObj__onMessageReceived(node, message)  # type: ignore[misc]
             return
         leader_commit = message.get("commit_index", 0)
