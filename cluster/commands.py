@@ -442,20 +442,6 @@ class Barrier(Command):
     """Changes nothing; its commit proves this node has applied the log up to it."""
 
 
-def _tuples(value: list[Any]) -> tuple[Any, ...]:
-    # Every audit batch goes through here on every replica, an entry being four nested
-    # arrays: a list comprehension, and a call only for what is itself an array (msgpack
-    # makes plain lists, never a subclass), cost about half of a generator calling per item.
-    return tuple([_tuples(v) if type(v) is list else v for v in value])
-
-
-def _from_wire(field_type: str, value: Any) -> Any:
-    # Tuples are sent as lists; rebuild them so commands compare equal after a round trip.
-    if field_type.startswith("tuple") and isinstance(value, list):
-        return _tuples(value)
-    return value
-
-
 def encode(command: Command) -> bytes:
     # msgpack packs a tuple as the array a list would be, so nested tuples go out as they are:
     # converting them first cost a recursive walk over every AppendAudit entry.
@@ -465,7 +451,9 @@ def encode(command: Command) -> bytes:
 
 def decode(data: bytes) -> Command:
     try:
-        raw = msgpack.unpackb(data, raw=False)
+        # Arrays come back as tuples, which is what every array-holding field is: the C
+        # unpacker builds them, instead of a walk over every entry rebuilding lists.
+        raw = msgpack.unpackb(data, raw=False, use_list=False)
         cls = _COMMANDS[raw["op"]]
         version = raw["v"]
         args = raw["args"]
@@ -481,7 +469,6 @@ def decode(data: bytes) -> Command:
     if not isinstance(args, dict) or not set(args) <= set(fields):
         raise CommandDecodeError(f"malformed {cls.op} command")
     try:
-        return cls(**{name: _from_wire(str(fields[name].type), value)
-                      for name, value in args.items()})
+        return cls(**args)
     except TypeError as exc:
         raise CommandDecodeError(f"malformed {cls.op} command") from exc
