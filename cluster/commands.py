@@ -463,10 +463,10 @@ def decode(data: bytes) -> Command:
         raise CommandDecodeError(f"{version!r} is not a command schema version")
     if version > SCHEMA_VERSION:
         raise CommandDecodeError(f"command schema version {version} is newer than this node")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)}
     # Every replica must apply exactly what was proposed: an argument this node does not
     # know is refused, never dropped.
-    if not isinstance(args, dict) or not set(args) <= set(fields):
+    if not isinstance(args, dict) or not args.keys() <= names:
         raise CommandDecodeError(f"malformed {cls.op} command")
     try:
         return cls(**args)
