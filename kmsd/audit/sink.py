@@ -113,7 +113,7 @@ class SegmentSink:
             last = items[-1]
             if (type(item) is list and type(last) is list and item and last
                     and item[0].seq == last[-1].seq + 1 and item[0].prev_hash == last[-1].hash):
-                items[-1] = last + item
+                last.extend(item)  # both are the sink's own copies (see put)
             else:
                 items.append(item)
 
