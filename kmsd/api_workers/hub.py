@@ -43,6 +43,7 @@ from cluster import commands
 from cluster.raft_node import RaftNode, RaftUnavailable
 from cluster.state import Applied, ApplyResult, KmsState, audit_usage
 from kmsd.api_workers import wire
+from kmsd.audit.chain import ChainedRecord
 from kmsd.audit.committer import AuditCommitter, AuditItem, AuditUnavailable
 
 log = structlog.get_logger("kmsd.api_workers")
@@ -377,9 +378,11 @@ class WorkerHub:
     async def _call(self, name: str, args: Any) -> Any:
         if name == "audit":
             items = [_audit_item(item) for item in args]
-            results = await asyncio.gather(*(self.audit.commit(i) for i in items),
-                                           return_exceptions=True)
-            return [r if not isinstance(r, BaseException)
+            try:
+                results = await self.audit.commit_many(items)
+            except AuditUnavailable as exc:
+                return [("AuditUnavailable", str(exc))] * len(items)
+            return [wire.committed_record(r) if isinstance(r, ChainedRecord)
                     else ("AuditUnavailable", str(r)) if isinstance(r, AuditUnavailable)
                     else ("Internal", type(r).__name__) for r in results]
         if name == "submit":

@@ -17,7 +17,9 @@ Primary → worker:
 - `SERVE`     (empty) the answer to `READY`: every write answered from now on waits for
   this worker, and every write answered before is in a frame ahead of this one;
 - `REPLY`     pickle (call id, ok, value): the answer to a `CALL`. Pickle goes
-  only this way, from the process that spawned the reader.
+  only this way, from the process that spawned the reader. An "audit" call's value
+  has, per record in the call's order, `committed_record`'s tuple or (error kind,
+  message): the worker holds the event bytes and node it sent, so they do not come back.
 
 Worker → primary (msgpack only; the primary never unpickles what a worker sends):
 - `CALL`      [call id, name, args];
@@ -33,6 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from typing import TYPE_CHECKING, Any
+
+from kmsd.audit.chain import ChainedRecord
+
+if TYPE_CHECKING:
+    from kmsd.audit.committer import AuditItem
 
 SNAPSHOT = b"S"
 APPLY = b"A"
@@ -49,6 +57,9 @@ COUNTS = b"W"
 
 OBSERVED_REQUEST = "r"
 OBSERVED_HSM = "h"
+
+# The first member of an "audit" reply's item for a committed record.
+COMMITTED = "ok"
 
 _LENGTH = struct.Struct(">I")
 # A state snapshot of 100k keys is tens of MiB; anything past this is a broken peer.
@@ -70,3 +81,17 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
         raise FrameError(f"frame of {length} bytes")
     data = await reader.readexactly(length)
     return data[:1], data[1:]
+
+
+def committed_record(record: ChainedRecord) -> tuple[str, int, str, str, bool]:
+    """A committed audit record as an "audit" REPLY carries it back to its worker."""
+    return (COMMITTED, record.seq, record.prev_hash, record.hash, record.revoked)
+
+
+def record_from_reply(reply: Any, item: AuditItem) -> ChainedRecord | None:
+    """The record `committed_record` described, with the event bytes and node of `item`
+    (what the worker sent for it); None for an error reply."""
+    if reply[0] != COMMITTED:
+        return None
+    _, seq, prev_hash, digest, revoked = reply
+    return ChainedRecord(seq, prev_hash, digest, item[1], revoked, item[0])

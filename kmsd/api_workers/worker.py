@@ -222,11 +222,12 @@ class RemoteAuditCommitter:
                 if not future.done():
                     future.set_exception(AuditUnavailable(str(exc)))
             return
-        for (_, future), result in zip(batch, results, strict=True):
+        for (item, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue
-            if isinstance(result, ChainedRecord):
-                future.set_result(result)
+            record = wire.record_from_reply(result, item)
+            if record is not None:
+                future.set_result(record)
             else:
                 future.set_exception(AuditUnavailable(str(result[1])))
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,14 +174,27 @@ class AuditCommitter:
         self._loop = loop
 
     async def commit(self, item: AuditItem) -> ChainedRecord:
+        (future,) = await self._enqueue((item,))
+        return await future
+
+    async def commit_many(self, items: Sequence[AuditItem]
+                          ) -> list[ChainedRecord | BaseException]:
+        """`commit` for each of `items` (an API worker's records of one loop turn), with one
+        wait for them all and no task per record; each result is its record, or what it
+        failed with. Raises AuditUnavailable for all of them when no leader is reachable."""
+        futures = await self._enqueue(items)
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    async def _enqueue(self, items: Sequence[AuditItem]
+                       ) -> list[asyncio.Future[ChainedRecord]]:
         if not self.raft.has_leader:
             await self._wait_for_leader()
         loop = asyncio.get_running_loop()
         self._loop = loop
-        future: asyncio.Future[ChainedRecord] = loop.create_future()
-        self._pending.append((item, future))
+        futures: list[asyncio.Future[ChainedRecord]] = [loop.create_future() for _ in items]
+        self._pending.extend(zip(items, futures, strict=True))
         self._start_flusher()
-        return await future
+        return futures
 
     def _start_flusher(self) -> None:
         if self._flusher is None:

@@ -4,6 +4,8 @@ worker's end (kmsd.api_workers.worker.PrimaryLink) in this process on a socketpa
 from __future__ import annotations
 
 import asyncio
+import itertools
+import pickle
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +20,7 @@ from cluster.state import Applied, KmsState
 from kmsd.api_workers import wire
 from kmsd.api_workers.hub import WorkerHub
 from kmsd.api_workers.worker import PrimaryLink, RemoteAuditCommitter, RemoteRaft
-from kmsd.audit.chain import canonical_bytes
+from kmsd.audit.chain import ChainHead, canonical_bytes
 from kmsd.audit.committer import AuditCommitter
 from tests.unit.cluster.test_raft_snapshot import _CountingState
 
@@ -193,6 +195,29 @@ def test_a_workers_writes_and_audit_records_go_through_the_primary(tmp_path) -> 
         await _until(lambda: primary.hub.reported("cached_handles") == 3, 3, "counts reported")
         reporter.cancel()
     _run(tmp_path, 21764, scenario)
+
+
+def test_an_audit_reply_gives_each_records_place_and_the_worker_rebuilds_it(tmp_path) -> None:
+    async def scenario(primary: _Primary) -> None:
+        events = [canonical_bytes({"eventName": "Encrypt", "n": n, "pad": "x" * 2000})
+                  for n in range(5)]
+        reply = await primary.hub._call("audit", [[e, "node-0", [], []] for e in events])
+        # The event bytes stay with the worker that sent them: nothing of them comes back.
+        assert len(pickle.dumps(reply)) < 1000
+        records = [wire.record_from_reply(r, (e, "node-0", (), ()))
+                   for r, e in zip(reply, events, strict=True)]
+        assert all(r is not None and r.computed_hash() == r.hash for r in records)
+        assert [r.event_bytes for r in records] == events
+        assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(records))
+        assert primary.state.audit.head == ChainHead(records[-1].seq, records[-1].hash)
+
+        # One unfit record spoils the entry it is in: every record of it fails, none raises.
+        refused = await primary.hub._call(
+            "audit", [[events[0] + b" ", "node-0", [], []], [b"not json", "node-0", [], []]])
+        assert [kind for kind, _message in refused] == ["AuditUnavailable"] * 2
+        assert all(wire.record_from_reply(r, (b"", "node-0", (), ())) is None for r in refused)
+        assert primary.state.audit.head.seq == records[-1].seq
+    _run(tmp_path, 21790, scenario)
 
 
 def test_observed_frames_reach_the_metrics_in_order() -> None:
