@@ -237,14 +237,20 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def process_cpu_seconds(pid: int) -> float:
+def stat_cpu_seconds(stat_path: str) -> tuple[float, float] | None:
+    """(user, system) CPU seconds from a /proc .../stat file; None once it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as handle:
+        with open(stat_path) as handle:
             fields = handle.read().rsplit(")", 1)[-1].split()
     except OSError:
-        return 0.0
+        return None
     # After the command: state(0) ... utime is field 14 of stat, i.e. index 11 here.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def process_cpu_seconds(pid: int) -> float:
+    used = stat_cpu_seconds(f"/proc/{pid}/stat")
+    return 0.0 if used is None else used[0] + used[1]
 
 
 def tree_cpu_seconds(pids: Iterable[int]) -> float:

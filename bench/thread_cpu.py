@@ -43,14 +43,9 @@ def thread_cpu_seconds(pid: int) -> dict[int, tuple[float, float]]:
     except OSError:
         return found
     for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[-1].split()
-        except OSError:
-            continue  # the thread ended meanwhile
-        # After the command: utime and stime are fields 14 and 15 of stat (11, 12 here).
-        found[int(tid)] = (int(fields[11]) / benchlib.CLK_TCK,
-                           int(fields[12]) / benchlib.CLK_TCK)
+        used = benchlib.stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat")
+        if used is not None:  # (else the thread ended meanwhile)
+            found[int(tid)] = used
     return found
 
 
