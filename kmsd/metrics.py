@@ -1,6 +1,9 @@
 """Prometheus metrics of one node, served at `/metrics` with the official client.
 
-Counters and histograms are updated on the request path (a few microseconds);
+Requests and HSM calls are counted on the request path in plain tallies
+(kmsd.metric_tally: ~1.5 µs an observation, against ~3.5 through prometheus_client's
+labelled metrics; an API worker's are merged into its primary's);
+the audit batch metrics are prometheus_client's own;
 gauges that describe state (Raft role and indexes, keys by state, cache
 counters, certificate expiry) are read at scrape time by a collector, so they
 cost nothing between scrapes. No label ever carries a key id, a principal or
@@ -18,10 +21,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kmsd.metric_tally import RequestTallies
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
-                    10)
-_HSM_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                   10)
+HSM_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5)
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
@@ -76,58 +81,37 @@ class _StateCollector(Collector):
                                     "When this node's TLS certificate expires.", value=expiry)
 
 
-class _Children:
-    """A metric's labelled children, each looked up once. labels() validates the names and
-    takes the metric's lock on every call; the children never change once made (no metric
-    here is ever cleared)."""
+class _TallyCollector(Collector):
+    def __init__(self, tallies: RequestTallies) -> None:
+        self.tallies = tallies
 
-    def __init__(self, metric: Any) -> None:
-        self._metric = metric
-        self._made: dict[tuple[str, ...], Any] = {}
-
-    def __call__(self, *labels: str) -> Any:
-        child = self._made.get(labels)
-        if child is None:
-            child = self._made[labels] = self._metric.labels(*labels)
-        return child
+    def collect(self) -> Iterator[Any]:
+        return self.tallies.families()
 
 
 class NodeMetrics:
     def __init__(self, facts: NodeFacts) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
-        self.requests = Counter("kmsd_requests", "Requests by operation and outcome.",
-                                ["operation", "outcome"], registry=registry)
-        self.request_duration = Histogram(
-            "kmsd_request_duration_seconds", "Request latency, audit commit included.",
-            ["operation"], buckets=_LATENCY_BUCKETS, registry=registry)
-        self.hsm_duration = Histogram("kmsd_hsm_call_duration_seconds", "HSM call latency.",
-                                      ["call"], buckets=_HSM_BUCKETS, registry=registry)
-        self.hsm_errors = Counter("kmsd_hsm_errors", "HSM calls that failed.", ["call"],
-                                  registry=registry)
+        self.tallies = RequestTallies(LATENCY_BUCKETS, HSM_BUCKETS)
+        registry.register(_TallyCollector(self.tallies))
+        # (bound methods looked up once: these run on every request)
+        self.observe_request = self.tallies.observe_request
+        self.observe_hsm = self.tallies.observe_hsm
         self.audit_batch_size = Histogram("kmsd_audit_batch_size",
                                           "Audit records per committed Raft entry.",
                                           buckets=_BATCH_BUCKETS, registry=registry)
         self.audit_commit_duration = Histogram(
             "kmsd_audit_commit_duration_seconds", "Time to commit one audit batch.",
-            buckets=_LATENCY_BUCKETS, registry=registry)
+            buckets=LATENCY_BUCKETS, registry=registry)
         self.audit_commit_failures = Counter(
             "kmsd_audit_commit_failures", "Audit records that could not be committed.",
             registry=registry)
         registry.register(_StateCollector(facts))
-        self._request_count = _Children(self.requests)
-        self._request_duration = _Children(self.request_duration)
-        self._hsm_duration = _Children(self.hsm_duration)
-        self._hsm_errors = _Children(self.hsm_errors)
 
-    def observe_request(self, operation: str, outcome: str, seconds: float) -> None:
-        self._request_count(operation, outcome).inc()
-        self._request_duration(operation).observe(seconds)
-
-    def observe_hsm(self, call: str, seconds: float, failed: bool) -> None:
-        self._hsm_duration(call).observe(seconds)
-        if failed:
-            self._hsm_errors(call).inc()
+    def merge_observed(self, body: Any) -> None:
+        """An API worker's tallies (RequestTallies.take_wire) into this node's."""
+        self.tallies.merge_wire(body)
 
     def observe_audit_batch(self, size: int, seconds: float) -> None:
         self.audit_batch_size.observe(size)

@@ -117,7 +117,7 @@ class Node:
             self.workers = WorkerHub(
                 config.api_workers, worker_command, self.raft, self.state, self.audit,
                 self._worker_status, self.metrics.render, self.readiness,
-                self.metrics.observe_request, self.metrics.observe_hsm)
+                self.metrics.merge_observed)
             # Writes are answered once every worker applied them (kmsd.api_workers.hub).
             self.core.raft = FencedRaft(self.raft, self.workers)  # type: ignore[assignment]
         self._not_ready = "The node is starting."
@@ -317,6 +317,8 @@ class Node:
             return self.readiness()
 
         async def render_metrics() -> bytes:
+            if self.workers is not None:
+                await self.workers.gather_observed()
             return self.metrics.render()
 
         return make_api_app(self.protocol.handle, readiness, render_metrics)

@@ -114,8 +114,7 @@ class WorkerHub:
                  status: Callable[[], dict[str, Any]],
                  render_metrics: Callable[[], bytes],
                  readiness: Callable[[], tuple[int, dict[str, Any]]],
-                 observe_request: Callable[[str, str, float], None],
-                 observe_hsm: Callable[[str, float, bool], None]) -> None:
+                 merge_observed: Callable[[Any], None]) -> None:
         self.count = count
         # argv of a worker, to which `--fd N --index I` is added.
         self.worker_command = worker_command
@@ -125,8 +124,8 @@ class WorkerHub:
         self.status = status
         self.render_metrics = render_metrics
         self.readiness = readiness
-        self.observe_request = observe_request
-        self.observe_hsm = observe_hsm
+        # Adds a worker's OBSERVED body (RequestTallies.take_wire) to the node's metrics.
+        self.merge_observed = merge_observed
         # Read on the tick thread, replaced (never mutated) on the event loop.
         self._subscribers: tuple[_WorkerLink, ...] = ()
         self._links: dict[int, _WorkerLink] = {}
@@ -253,7 +252,7 @@ class WorkerHub:
                     if future is not None and not future.done():
                         future.set_result(None)
                 elif kind == wire.OBSERVED:
-                    self._observed(body)
+                    self.merge_observed(msgpack.unpackb(body))
                 elif kind == wire.COUNTS:
                     link.counts = {str(k): int(v) for k, v in msgpack.unpackb(body).items()}
                 else:
@@ -270,19 +269,6 @@ class WorkerHub:
         if not self._stopping and link.process is not None:
             log.warning("api_worker_exited", index=link.index, code=code)
             self._spawn_soon(link.index, RESPAWN_DELAY_SECONDS)
-
-    def _observed(self, body: bytes) -> None:
-        """One OBSERVED frame into the node's metrics. Every request and HSM call the workers
-        answer passes through here, on the primary's event loop: no per-item slicing or
-        attribute lookups. An item too short is a protocol error (IndexError)."""
-        observe_request, observe_hsm = self.observe_request, self.observe_hsm
-        request, hsm = wire.OBSERVED_REQUEST, wire.OBSERVED_HSM
-        for observed in msgpack.unpackb(body, use_list=False):
-            kind = observed[0]
-            if kind == request:
-                observe_request(observed[1], observed[2], observed[3])
-            elif kind == hsm:
-                observe_hsm(observed[1], observed[2], observed[3])
 
     # -- the state feed (tick thread) -------------------------------------------
 
@@ -345,14 +331,7 @@ class WorkerHub:
         links = [link for link in self._subscribers if link.serving and not link.closed]
         if not links:
             return
-        assert self._loop is not None
-        waits = []
-        for link in links:
-            self._fence_ids += 1
-            future: asyncio.Future[None] = self._loop.create_future()
-            link.fences[self._fence_ids] = future
-            link.send(wire.frame(wire.FENCE, msgpack.packb(self._fence_ids)))
-            waits.append((link, future))
+        waits = [(link, self._send_fence(link)) for link in links]
         for link, future in waits:
             try:
                 await asyncio.wait_for(asyncio.shield(future), self.fence_timeout)
@@ -360,6 +339,23 @@ class WorkerHub:
                 # It cannot be trusted to serve what this write changed: replace it.
                 log.error("api_worker_stuck", index=link.index, pid=link.pid)
                 self._drop(link)
+
+    async def gather_observed(self, timeout: float = FENCE_TIMEOUT_SECONDS) -> None:
+        """Return once every serving worker has sent what it observed so far (it reports
+        before it answers a fence), or after `timeout`: a slow worker's part then comes with
+        its next report. Unlike `fence`, a late answer costs the worker nothing."""
+        futures = [self._send_fence(link) for link in self._subscribers
+                   if link.serving and not link.closed]
+        if futures:
+            await asyncio.wait(futures, timeout=timeout)
+
+    def _send_fence(self, link: _WorkerLink) -> asyncio.Future[None]:
+        assert self._loop is not None
+        self._fence_ids += 1
+        future: asyncio.Future[None] = self._loop.create_future()
+        link.fences[self._fence_ids] = future
+        link.send(wire.frame(wire.FENCE, msgpack.packb(self._fence_ids)))
+        return future
 
     # -- calls --------------------------------------------------------------------
 
@@ -389,6 +385,7 @@ class WorkerHub:
             packed, timeout = args
             return await self.submit(commands.decode(packed), timeout)
         if name == "metrics":
+            await self.gather_observed()
             return self.render_metrics()
         if name == "readyz":
             return self.readiness()

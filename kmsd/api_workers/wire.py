@@ -25,8 +25,10 @@ Worker → primary (msgpack only; the primary never unpickles what a worker send
 - `CALL`      [call id, name, args];
 - `FENCED`    id;
 - `READY`     (empty) it has its copy and is about to listen: wait for `SERVE` first;
-- `OBSERVED`  [["r", operation, outcome, seconds] | ["h", call, seconds, failed], ...]:
-  answered requests and HSM calls, for the node's metrics;
+- `OBSERVED`  [[[operation, outcome, row], ...], [[call, failed, row], ...]]: the requests
+  and HSM calls it answered since its last such frame, for the node's metrics, as
+  kmsd.metric_tally's histogram rows (a count per bucket, then the sum). Sent every
+  half second when there are any, and ahead of every `FENCED`;
 - `COUNTS`    msgpack {"cached_handles", "cache_hits", "cache_misses"}: its HSM handle
   cache, for the node's status and metrics (sent when it changed).
 """
@@ -54,9 +56,6 @@ READY = b"r"
 SERVE = b"s"
 OBSERVED = b"O"
 COUNTS = b"W"
-
-OBSERVED_REQUEST = "r"
-OBSERVED_HSM = "h"
 
 # The first member of an "audit" reply's item for a committed record.
 COMMITTED = "ok"

@@ -35,12 +35,15 @@ from kmsd.audit.committer import AuditItem, AuditUnavailable
 from kmsd.clock import Clock
 from kmsd.config import NodeConfig
 from kmsd.hsm.partition import HsmError
+from kmsd.metric_tally import RequestTallies
+from kmsd.metrics import HSM_BUCKETS, LATENCY_BUCKETS
 from kmsd.serving import serving_parts, tls_server_context
 
 log = structlog.get_logger("kmsd.api_worker")
 
-# How often the HSM handle cache's counts are reported to the primary (when they changed).
-COUNTS_INTERVAL_SECONDS = 0.5
+# How often the requests and HSM calls observed, and the HSM handle cache's counts (when they
+# changed), are reported to the primary when no fence asks first.
+REPORT_INTERVAL_SECONDS = 0.5
 
 
 class PrimaryLink:
@@ -60,7 +63,7 @@ class PrimaryLink:
         self.may_serve = asyncio.Event()
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._call_ids = 0
-        self._observed: list[list[Any]] = []
+        self.tallies = RequestTallies(LATENCY_BUCKETS, HSM_BUCKETS)
         # The worker's HSM handle-cache counts, reported when they change.
         self.counts: Callable[[], dict[str, int]] = dict
         self._sent_counts: dict[str, int] = {}
@@ -93,6 +96,9 @@ class PrimaryLink:
                 else:
                     future.set_exception(_call_error(value))
         elif kind == wire.FENCE:
+            # What this worker observed goes ahead of its answer: a scrape that fences the
+            # workers first counts every request they answered before it.
+            self._report()
             self.writer.write(wire.frame(wire.FENCED, body))
         elif kind == wire.STATUS:
             self.status = msgpack.unpackb(body)
@@ -118,26 +124,16 @@ class PrimaryLink:
             self._calls.pop(call_id, None)
 
     def observe(self, operation: str, outcome: str, seconds: float) -> None:
-        """An answered request (for the node's metrics)."""
-        self._note([wire.OBSERVED_REQUEST, operation, outcome, seconds])
+        """An answered request (for the node's metrics, sent with the next report)."""
+        self.tallies.observe_request(operation, outcome, seconds)
 
     def observe_hsm(self, call: str, seconds: float, failed: bool) -> None:
-        self._note([wire.OBSERVED_HSM, call, seconds, failed])
+        self.tallies.observe_hsm(call, seconds, failed)
 
-    def _note(self, observation: list[Any]) -> None:
-        # Sent at the end of this turn of the loop with the others made in it: a scrape or
-        # status read right after a response already counts it.
-        if not self._observed:
-            asyncio.get_running_loop().call_soon(self._send_observed)
-        self._observed.append(observation)
-
-    def _send_observed(self) -> None:
-        batch, self._observed = self._observed, []
-        if batch:
-            self.writer.write(wire.frame(wire.OBSERVED, msgpack.packb(batch)))
-        self._send_counts()
-
-    def _send_counts(self) -> None:
+    def _report(self) -> None:
+        observed = self.tallies.take_wire()
+        if observed is not None:
+            self.writer.write(wire.frame(wire.OBSERVED, msgpack.packb(observed)))
         current = self.counts()
         if current != self._sent_counts:
             self.writer.write(wire.frame(wire.COUNTS, msgpack.packb(current)))
@@ -146,8 +142,8 @@ class PrimaryLink:
     async def report_forever(self) -> None:
         """Counts also change with no request (a deleted key's handles are dropped)."""
         while True:
-            self._send_counts()
-            await asyncio.sleep(COUNTS_INTERVAL_SECONDS)
+            self._report()
+            await asyncio.sleep(REPORT_INTERVAL_SECONDS)
 
 
 def _call_error(value: Any) -> Exception:

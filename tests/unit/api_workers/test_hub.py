@@ -22,6 +22,8 @@ from kmsd.api_workers.hub import WorkerHub
 from kmsd.api_workers.worker import PrimaryLink, RemoteAuditCommitter, RemoteRaft
 from kmsd.audit.chain import ChainHead, canonical_bytes
 from kmsd.audit.committer import AuditCommitter
+from kmsd.metric_tally import RequestTallies
+from kmsd.metrics import HSM_BUCKETS, LATENCY_BUCKETS
 from tests.unit.cluster.test_raft_snapshot import _CountingState
 
 
@@ -52,12 +54,14 @@ class _Primary:
                                           data_dir=str(tmp_path), password="test-secret"),
                              self.state)
         self.audit = AuditCommitter(self.raft)
-        self.observed: list[tuple[str, str, float]] = []
+        self.tallies = RequestTallies(LATENCY_BUCKETS, HSM_BUCKETS)
         self.hub = WorkerHub(0, [], self.raft, self.state, self.audit,
                              lambda: {"not_ready": None, "has_leader": self.raft.has_leader},
                              lambda: b"metrics", lambda: (200, {"ready": True}),
-                             lambda *observed: self.observed.append(observed),
-                             lambda *observed: self.observed.append(observed))
+                             self.tallies.merge_wire)
+
+    def requests_seen(self) -> dict[tuple[str, str], int]:
+        return {labels: int(sum(row[:-1])) for labels, row in self.tallies.requests.rows.items()}
 
     async def __aenter__(self) -> _Primary:
         self.raft.start()
@@ -189,12 +193,39 @@ def test_a_workers_writes_and_audit_records_go_through_the_primary(tmp_path) -> 
         reporter = asyncio.create_task(link.report_forever())
         link.observe("Encrypt", "ok", 0.001)
         link.observe_hsm("decrypt", 0.0001, False)
-        await _until(lambda: primary.observed == [("Encrypt", "ok", 0.001),
-                                                  ("decrypt", 0.0001, False)], 3,
+        await _until(lambda: primary.requests_seen() == {("Encrypt", "ok"): 1}, 3,
                      "the observations reported")
+        assert primary.tallies.hsm.rows[("decrypt", False)][-1] == pytest.approx(0.0001)
         await _until(lambda: primary.hub.reported("cached_handles") == 3, 3, "counts reported")
         reporter.cancel()
     _run(tmp_path, 21764, scenario)
+
+
+def test_gathering_the_observations_counts_every_request_answered_before_it(tmp_path) -> None:
+    async def scenario(primary: _Primary) -> None:
+        link, _copy, _task = await primary.worker()
+        link.counts = lambda: {"cache_hits": 2}
+        for _ in range(3):
+            link.observe("Decrypt", "ok", 0.002)
+        link.observe("Decrypt", "AccessDeniedException", 0.001)
+        # No report is due yet: what the scrape sees comes ahead of the worker's answer.
+        await primary.hub.gather_observed(timeout=3)
+        assert primary.requests_seen() == {("Decrypt", "ok"): 3,
+                                           ("Decrypt", "AccessDeniedException"): 1}
+        assert primary.hub.reported("cache_hits") == 2
+        await primary.hub.gather_observed(timeout=3)  # nothing new: nothing counted twice
+        assert primary.requests_seen()[("Decrypt", "ok")] == 3
+
+        # A worker that does not answer delays a scrape by the timeout, and is not dropped.
+        stalled = await primary.stalled_worker(1)
+        await _until(lambda: any(s.serving for s in primary.hub._subscribers
+                                 if s.index == 1), 5, "the stalled one serving")
+        started = time.monotonic()
+        await primary.hub.gather_observed(timeout=0.3)
+        assert 0.25 < time.monotonic() - started < 2
+        assert sorted(s.index for s in primary.hub._subscribers) == [0, 1]
+        stalled.close()
+    _run(tmp_path, 21791, scenario)
 
 
 def test_an_audit_reply_gives_each_records_place_and_the_worker_rebuilds_it(tmp_path) -> None:
@@ -218,17 +249,3 @@ def test_an_audit_reply_gives_each_records_place_and_the_worker_rebuilds_it(tmp_
         assert all(wire.record_from_reply(r, (b"", "node-0", (), ())) is None for r in refused)
         assert primary.state.audit.head.seq == records[-1].seq
     _run(tmp_path, 21790, scenario)
-
-
-def test_observed_frames_reach_the_metrics_in_order() -> None:
-    calls: list[tuple[str, tuple[Any, ...]]] = []
-    hub = WorkerHub(0, [], None, None, None, dict, bytes, dict,  # type: ignore[arg-type]
-                    lambda *a: calls.append(("request", a)), lambda *a: calls.append(("hsm", a)))
-    hub._observed(msgpack.packb([[wire.OBSERVED_REQUEST, "Decrypt", "ok", 0.002],
-                                 [wire.OBSERVED_HSM, "decrypt", 0.0001, True],
-                                 ["?", "a later kind", 1, 2],
-                                 [wire.OBSERVED_REQUEST, "Encrypt", "ok", 0.5, "more"]]))
-    assert calls == [("request", ("Decrypt", "ok", 0.002)), ("hsm", ("decrypt", 0.0001, True)),
-                     ("request", ("Encrypt", "ok", 0.5))]
-    with pytest.raises(IndexError):  # a protocol error: _serve drops the worker
-        hub._observed(msgpack.packb([[wire.OBSERVED_HSM, "decrypt", 0.0001]]))
