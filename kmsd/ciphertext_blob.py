@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import struct
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 FORMAT_VERSION = 1
 KDF_NONE = 0
@@ -42,9 +42,14 @@ class CiphertextBlob:
     nonce: bytes
     ciphertext_and_tag: bytes
     kdf: int = KDF_NONE
+    # The header as `parse` read it: the same bytes packing the fields gives (the layout
+    # has no slack), kept so Decrypt's AAD is not packed again from a key id string.
+    read_header: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def header(self) -> bytes:
+        if self.read_header is not None:
+            return self.read_header
         if len(self.nonce) != NONCE_BYTES:
             raise ValueError(f"a GCM nonce is {NONCE_BYTES} bytes")
         return _HEADER.pack(FORMAT_VERSION, self.kdf, uuid.UUID(self.key_id).bytes,
@@ -64,5 +69,7 @@ def parse(blob: bytes) -> CiphertextBlob:
     version, kdf, key_bytes, backing_version, nonce = _HEADER.unpack_from(blob)
     if version != FORMAT_VERSION or kdf != KDF_NONE or backing_version == 0:
         raise MalformedCiphertext()
-    return CiphertextBlob(str(uuid.UUID(bytes=key_bytes)), backing_version, nonce,
-                          blob[HEADER_BYTES:], kdf)
+    digits = key_bytes.hex()  # formatted as str(uuid.UUID(bytes=key_bytes)) is
+    key_id = f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+    return CiphertextBlob(key_id, backing_version, nonce, blob[HEADER_BYTES:], kdf,
+                          bytes(blob[:HEADER_BYTES]))

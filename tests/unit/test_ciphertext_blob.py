@@ -37,6 +37,9 @@ def parse_or_refuse(data: bytes) -> cb.CiphertextBlob | None:
     except cb.MalformedCiphertext:
         return None
     assert isinstance(blob, cb.CiphertextBlob)
+    # The header parse keeps is the one its fields pack to, and the key id is the UUID's.
+    assert blob.key_id == str(uuid.UUID(bytes=data[2:18]))
+    assert blob.header == cb.header_for(blob.key_id, blob.backing_version, blob.nonce)
     return blob
 
 
@@ -45,7 +48,7 @@ def parse_or_refuse(data: bytes) -> cb.CiphertextBlob | None:
 def test_round_trip(blob: cb.CiphertextBlob) -> None:
     data = blob.to_bytes()
     assert len(data) == cb.HEADER_BYTES + len(blob.ciphertext_and_tag)
-    assert cb.parse(data) == blob
+    assert parse_or_refuse(data) == blob
     assert data[: cb.HEADER_BYTES] == blob.header == cb.header_for(
         blob.key_id, blob.backing_version, blob.nonce)
 
