@@ -5,8 +5,9 @@ prometheus_client's labelled Counter and Histogram take a lock, validate and wal
 buckets in Python on every observation; here an observation is a dict lookup, a bisect and
 two additions. An API worker keeps its own tallies and sends what it gathered to the
 primary now and then (and before it answers a fence, so a scrape that fences first sees
-every request answered before it), where `merge` adds them in. The families are built
-only at scrape time, and render as the labelled prometheus_client metrics would.
+every request answered before it), where `merge` adds them in. A worker that dies takes
+at most its last half second of counts with it. The families are built only at scrape
+time, and render as the labelled prometheus_client metrics would.
 """
 
 from __future__ import annotations
