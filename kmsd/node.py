@@ -280,6 +280,13 @@ class Node:
 
     # -- status --------------------------------------------------------------
 
+    async def current_status(self) -> dict[str, Any]:
+        """`status()` once every API worker has reported what it has (its HSM handles): as
+        of every request answered before this call."""
+        if self.workers is not None:
+            await self.workers.gather_observed()
+        return self.status()
+
     def status(self) -> dict[str, Any]:
         held = self.hsm.held_generations()
         return {
@@ -334,7 +341,7 @@ class Node:
         # every worker's requests wait on.
         sites = [] if self.workers is not None else [(self.api_app(), self.config.api_listen)]
         for app, listen in (*sites,
-                            (make_admin_app(self.authenticator, self.core, self.status,
+                            (make_admin_app(self.authenticator, self.core, self.current_status,
                                             self.audit_sink, self.digest_signer,
                                             self._raft_password,
                                             self.domain_rotator, self.peers),

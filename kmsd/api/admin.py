@@ -55,7 +55,7 @@ from kmsd.service.context import Caller
 from kmsd.service.core import ServiceCore
 from kmsd.service.domain_rotation import DomainRotator, PeerClient
 
-StatusSource = Callable[[], dict[str, Any]]
+StatusSource = Callable[[], Awaitable[dict[str, Any]]]
 _CALLER = web.AppKey("caller", Caller)
 
 
@@ -102,7 +102,7 @@ def make_admin_app(authenticator: Authenticator, core: ServiceCore,
         return respond(capabilities_report(core))
 
     async def status(_request: web.Request) -> web.Response:
-        return respond(node_status())
+        return respond(await node_status())
 
     async def cluster_members(_request: web.Request) -> web.Response:
         return respond({"members": [dataclasses.asdict(m)

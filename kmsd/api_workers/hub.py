@@ -341,9 +341,10 @@ class WorkerHub:
                 self._drop(link)
 
     async def gather_observed(self, timeout: float = FENCE_TIMEOUT_SECONDS) -> None:
-        """Return once every serving worker has sent what it observed so far (it reports
-        before it answers a fence), or after `timeout`: a slow worker's part then comes with
-        its next report. Unlike `fence`, a late answer costs the worker nothing."""
+        """Return once every serving worker has sent what it observed so far and its HSM
+        handle counts (it reports before it answers a fence), or after `timeout`: a slow
+        worker's part then comes with its next report. Unlike `fence`, a late answer costs
+        the worker nothing. Scrapes and status reads call it first."""
         futures = [self._send_fence(link) for link in self._subscribers
                    if link.serving and not link.closed]
         if futures:

@@ -30,7 +30,7 @@ Worker → primary (msgpack only; the primary never unpickles what a worker send
   kmsd.metric_tally's histogram rows (a count per bucket, then the sum). Sent every
   half second when there are any, and ahead of every `FENCED`;
 - `COUNTS`    msgpack {"cached_handles", "cache_hits", "cache_misses"}: its HSM handle
-  cache, for the node's status and metrics (sent when it changed).
+  cache, for the node's status and metrics (with the reports, when it changed).
 """
 
 from __future__ import annotations

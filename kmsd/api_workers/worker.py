@@ -96,8 +96,9 @@ class PrimaryLink:
                 else:
                     future.set_exception(_call_error(value))
         elif kind == wire.FENCE:
-            # What this worker observed goes ahead of its answer: a scrape that fences the
-            # workers first counts every request they answered before it.
+            # What this worker observed and its counts go ahead of its answer: a scrape or
+            # status read that fences the workers first counts every request they answered
+            # before it.
             self._report()
             self.writer.write(wire.frame(wire.FENCED, body))
         elif kind == wire.STATUS:
