@@ -40,11 +40,17 @@ def _ports_free(ports: list[int]) -> bool:
     return True
 
 
+# Ports the unit tests bind by number (a Raft node, a hub): a cluster that outlives its
+# module (the session's) must not hold one of them when they run.
+UNIT_TEST_PORTS = range(21700, 21900)
+
+
 def free_base_port(nodes: int) -> int:
     for _ in range(200):
         # Below the kernel's ephemeral range (32768+), where client sockets would collide.
         base = random.randrange(15000, 32400, 10)
-        if _ports_free([base + offset + i for offset in (0, 100, 200) for i in range(nodes)]):
+        ports = [base + offset + i for offset in (0, 100, 200) for i in range(nodes)]
+        if not any(port in UNIT_TEST_PORTS for port in ports) and _ports_free(ports):
             return base
     raise RuntimeError("no free port range")
 
