@@ -358,6 +358,16 @@ def check_targets(ratios: dict[str, Any], summary: dict[str, Any], levels: list[
     return out
 
 
+def rotated(items: list[Any], rep: int) -> list[Any]:
+    """The servers in the order run `rep` measures them: each run starts one further along.
+    The shared machine drifts within a run; a fixed order would give one server the same
+    place in that drift every time, and a within-run ratio the same bias."""
+    if not items:
+        return items
+    shift = rep % len(items)
+    return items[shift:] + items[:shift]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     targets_wanted = [t for t in args.targets.split(",") if t]
     unknown = set(targets_wanted) - set(ALL_TARGETS)
@@ -387,8 +397,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(args.idle)
             idle_cores[name] = (benchlib.tree_cpu_seconds(target.pids) - before) / args.idle
         for rep in range(args.runs):
+            order = rotated(list(started.items()), rep)
             for level in levels:
-                for name, target in started.items():
+                for name, target in order:
                     result = benchlib.measure(target.wrk_targets(workdir, "Decrypt", level),
                                               args.duration, target.pids)
                     runs.append({"rep": rep, "target": name, "op": "Decrypt",
@@ -398,7 +409,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           f" errors {result['error_count']}", file=sys.stderr, flush=True)
                     time.sleep(args.pause)
             for op in ops:
-                for name, target in started.items():
+                for name, target in order:
                     if name == "null":
                         continue
                     result = benchlib.measure(target.wrk_targets(workdir, op, op_level),
@@ -487,7 +498,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{versions['wrk']}.",
         f"Method: {settings['load_generator']}; {settings['request']}. Each figure is the "
         f"median of {settings['runs']} run(s) of {settings['duration_s']:g} s; ratios are taken "
-        "within one run, then the median. c = connections in flight (for kmsd3 split over "
+        "within one run, then the median; each run measures the servers in an order one "
+        "further along than the run before. c = connections in flight (for kmsd3 split over "
         "the three nodes). Server CPU counts every process of the server (all nodes for "
         "kmsd3); wrk cores is the load generator's CPU. API worker processes per kmsd node "
         "(besides its primary): " + ", ".join(
