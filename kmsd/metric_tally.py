@@ -92,9 +92,11 @@ class RequestTallies:
     def merge_wire(self, body: Any) -> None:
         """Add what `take_wire` gave in another process. Raises ValueError or TypeError on
         anything else, and then adds nothing."""
-        requests_part, hsm_part = body
-        requests = {(_text(op), _text(outcome)): _row(row) for op, outcome, row in requests_part}
-        hsm = {(_text(call), _flag(failed)): _row(row) for call, failed, row in hsm_part}
+        requests_part, hsm_part = _sequence(body, 2)
+        requests = {(_text(op), _text(outcome)): _row(row)
+                    for op, outcome, row in map(_triple, _sequence(requests_part))}
+        hsm = {(_text(call), _flag(failed)): _row(row)
+               for call, failed, row in map(_triple, _sequence(hsm_part))}
         if any(len(row) != len(self.hsm.bounds) + 2 for row in hsm.values()):
             raise ValueError("a histogram row of another width")
         self.requests.merge(requests)
@@ -120,6 +122,16 @@ class RequestTallies:
             if failed:
                 errors.add_metric([call], sum(row[:-1]))
         yield errors
+
+
+def _sequence(value: Any, length: int | None = None) -> list[Any] | tuple[Any, ...]:
+    if type(value) not in (list, tuple) or (length is not None and len(value) != length):
+        raise TypeError("not a list of the expected length")
+    return value
+
+
+def _triple(value: Any) -> list[Any] | tuple[Any, ...]:
+    return _sequence(value, 3)
 
 
 def _text(value: Any) -> str:
