@@ -97,6 +97,7 @@ class RequestTallies:
                     for op, outcome, row in map(_triple, _sequence(requests_part))}
         hsm = {(_text(call), _flag(failed)): _row(row)
                for call, failed, row in map(_triple, _sequence(hsm_part))}
+        # (checked before either merge: a report with one bad row adds nothing)
         if any(len(row) != len(self.hsm.bounds) + 2 for row in hsm.values()):
             raise ValueError("a histogram row of another width")
         self.requests.merge(requests)
