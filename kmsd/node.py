@@ -116,7 +116,7 @@ class Node:
         if config.api_workers and worker_command:
             self.workers = WorkerHub(
                 config.api_workers, worker_command, self.raft, self.state, self.audit,
-                self._worker_status, self.metrics.render, self.readiness,
+                self._worker_status, self.rendered_metrics, self.readiness,
                 self.metrics.merge_observed)
             # Writes are answered once every worker applied them (kmsd.api_workers.hub).
             self.core.raft = FencedRaft(self.raft, self.workers)  # type: ignore[assignment]
@@ -280,12 +280,20 @@ class Node:
 
     # -- status --------------------------------------------------------------
 
-    async def current_status(self) -> dict[str, Any]:
-        """`status()` once every API worker has reported what it has (its HSM handles): as
-        of every request answered before this call."""
+    async def _gather_worker_reports(self) -> None:
+        """Every API worker's counts of requests, HSM calls and handles, as of every request
+        answered before this call (see WorkerHub.gather_observed)."""
         if self.workers is not None:
             await self.workers.gather_observed()
+
+    async def current_status(self) -> dict[str, Any]:
+        await self._gather_worker_reports()
         return self.status()
+
+    async def rendered_metrics(self) -> bytes:
+        """/metrics, whichever process serves it."""
+        await self._gather_worker_reports()
+        return self.metrics.render()
 
     def status(self) -> dict[str, Any]:
         held = self.hsm.held_generations()
@@ -323,12 +331,7 @@ class Node:
         async def readiness() -> tuple[int, dict[str, Any]]:
             return self.readiness()
 
-        async def render_metrics() -> bytes:
-            if self.workers is not None:
-                await self.workers.gather_observed()
-            return self.metrics.render()
-
-        return make_api_app(self.protocol.handle, readiness, render_metrics)
+        return make_api_app(self.protocol.handle, readiness, self.rendered_metrics)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

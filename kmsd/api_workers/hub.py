@@ -33,7 +33,7 @@ import pickle
 import select
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
@@ -112,7 +112,7 @@ class WorkerHub:
     def __init__(self, count: int, worker_command: list[str], raft: RaftNode,
                  state: KmsState, audit: AuditCommitter,
                  status: Callable[[], dict[str, Any]],
-                 render_metrics: Callable[[], bytes],
+                 render_metrics: Callable[[], Awaitable[bytes]],
                  readiness: Callable[[], tuple[int, dict[str, Any]]],
                  merge_observed: Callable[[Any], None]) -> None:
         self.count = count
@@ -386,8 +386,7 @@ class WorkerHub:
             packed, timeout = args
             return await self.submit(commands.decode(packed), timeout)
         if name == "metrics":
-            await self.gather_observed()
-            return self.render_metrics()
+            return await self.render_metrics()
         if name == "readyz":
             return self.readiness()
         raise ValueError(f"unknown call {name!r}")

@@ -141,7 +141,8 @@ class PrimaryLink:
             self._sent_counts = current
 
     async def report_forever(self) -> None:
-        """Counts also change with no request (a deleted key's handles are dropped)."""
+        """Report every REPORT_INTERVAL_SECONDS, requests or none: handle counts also change
+        with no request (a deleted key's handles are dropped)."""
         while True:
             self._report()
             await asyncio.sleep(REPORT_INTERVAL_SECONDS)

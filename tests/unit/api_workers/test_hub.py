@@ -47,6 +47,10 @@ async def _until(predicate: Callable[[], bool], seconds: float, what: str) -> No
         await asyncio.sleep(0.01)
 
 
+async def _metrics() -> bytes:
+    return b"metrics"
+
+
 class _Primary:
     def __init__(self, tmp_path, port: int) -> None:
         self.state = _CountingState()
@@ -57,7 +61,7 @@ class _Primary:
         self.tallies = RequestTallies(LATENCY_BUCKETS, HSM_BUCKETS)
         self.hub = WorkerHub(0, [], self.raft, self.state, self.audit,
                              lambda: {"not_ready": None, "has_leader": self.raft.has_leader},
-                             lambda: b"metrics", lambda: (200, {"ready": True}),
+                             _metrics, lambda: (200, {"ready": True}),
                              self.tallies.merge_wire)
 
     def requests_seen(self) -> dict[tuple[str, str], int]:
