@@ -48,10 +48,14 @@ class Histograms:
             rows, self.rows = self.rows, {}
         return rows
 
-    def merge(self, rows: dict[tuple[Any, ...], Row]) -> None:
+    def check(self, rows: dict[tuple[Any, ...], Row]) -> None:
+        """ValueError unless every row has this histogram's buckets (and the sum)."""
         width = len(self.bounds) + 2
         if any(len(row) != width for row in rows.values()):
             raise ValueError("a histogram row of another width")
+
+    def merge(self, rows: dict[tuple[Any, ...], Row]) -> None:
+        self.check(rows)
         with self._lock:
             for labels, row in rows.items():
                 mine = self.rows.get(labels)
@@ -97,9 +101,9 @@ class RequestTallies:
                     for op, outcome, row in map(_triple, _sequence(requests_part))}
         hsm = {(_text(call), _flag(failed)): _row(row)
                for call, failed, row in map(_triple, _sequence(hsm_part))}
-        # (checked before either merge: a report with one bad row adds nothing)
-        if any(len(row) != len(self.hsm.bounds) + 2 for row in hsm.values()):
-            raise ValueError("a histogram row of another width")
+        # (both checked before either merge: a report with one bad row adds nothing)
+        self.requests.check(requests)
+        self.hsm.check(hsm)
         self.requests.merge(requests)
         self.hsm.merge(hsm)
 
