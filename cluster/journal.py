@@ -28,11 +28,14 @@ tests/unit/cluster/test_journal.py).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import pysyncobj.syncobj
 from pysyncobj.journal import FIRST_RECORD_OFFSET, FileJournal, MemoryJournal
+
+_ZEROS = memoryview(bytes(1 << 20))
 
 
 class ScrubbingFileJournal(FileJournal):
@@ -43,13 +46,28 @@ class ScrubbingFileJournal(FileJournal):
         return self._FileJournal__currentOffset  # type: ignore[attr-defined]
 
     def _zero(self, start: int, end: int) -> None:
-        if end > start:
-            self._FileJournal__journalFile.write(start, b"\0" * (end - start))  # type: ignore[attr-defined]
+        # Through the file descriptor rather than the mmap: pwrite releases the GIL, so
+        # zeroing the megabytes a compaction drops does not stall the node's event loop
+        # (a slice write into the mmap held it for ~4 ms per 4 MB). The mapping is shared,
+        # so it sees the zeros through the same page cache.
+        fd = self._FileJournal__journalFile._ResizableFile__f.fileno()  # type: ignore[attr-defined]
+        while start < end:
+            start += os.pwrite(fd, _ZEROS[:end - start], start)
 
     def clear(self) -> None:
         end = self._end()
         super().clear()
         self._zero(FIRST_RECORD_OFFSET, end)
+
+    def deleteEntriesTo(self, entryTo: int) -> None:  # noqa: N803 - pysyncobj's name
+        # As FileJournal does it (rewrite the kept entries from the start), but zeroing
+        # only the bytes beyond them: the rest is overwritten by the kept entries.
+        end = self._end()
+        kept = [self[i] for i in range(entryTo, len(self))]
+        FileJournal.clear(self)
+        for entry in kept:
+            FileJournal.add(self, *entry)
+        self._zero(self._end(), end)
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N803 - pysyncobj's name
         if self.current_term is not None:

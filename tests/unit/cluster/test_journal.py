@@ -40,6 +40,26 @@ def test_compaction_zeroes_dropped_entries(tmp_path) -> None:
     reopened._destroy()
 
 
+def test_compaction_zeroes_every_dropped_byte_of_a_journal_larger_than_a_chunk(tmp_path) -> None:
+    path = str(tmp_path / "raft.journal")
+    log = ScrubbingFileJournal(path)
+    body = b"\xa5" * 300_000  # 12 entries: 3.6 MB dropped, several zeroing chunks
+    for i in range(14):
+        log.add(b"SECRET-%04d" % i + body, i + 1, 1)
+    old_end = log._end()
+    log.deleteEntriesTo(12)
+    new_end = log._end()
+    log.flush()
+    content = _file(path)
+    assert old_end - new_end > 3 * len(journal._ZEROS)
+    assert content[new_end:old_end] == bytes(old_end - new_end)
+    assert content.count(body) == 2
+    log._destroy()
+    reopened = ScrubbingFileJournal(path)
+    assert [reopened[i][0][:11] for i in range(len(reopened))] == [b"SECRET-0012", b"SECRET-0013"]
+    reopened._destroy()
+
+
 def test_conflict_truncation_zeroes_the_tail(tmp_path) -> None:
     path = str(tmp_path / "raft.journal")
     log = ScrubbingFileJournal(path)
