@@ -32,7 +32,7 @@ from cluster.state import (
 )
 from kmsd import bootstrap, domain_blob, sd_notify
 from kmsd.api.admin import make_admin_app
-from kmsd.api.api_app import make_api_app
+from kmsd.api.api_app import make_api_server
 from kmsd.api.protocol import KmsProtocol
 from kmsd.api.validation import RequestValidator
 from kmsd.api_workers.hub import FencedRaft, WorkerHub, worker_command
@@ -121,7 +121,7 @@ class Node:
             # Writes are answered once every worker applied them (kmsd.api_workers.hub).
             self.core.raft = FencedRaft(self.raft, self.workers)  # type: ignore[assignment]
         self._not_ready = "The node is starting."
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[web.BaseRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -327,11 +327,11 @@ class Node:
 
     # -- HTTP ----------------------------------------------------------------
 
-    def api_app(self) -> web.Application:
+    def api_server(self) -> web.Server:
         async def readiness() -> tuple[int, dict[str, Any]]:
             return self.readiness()
 
-        return make_api_app(self.protocol.handle, readiness, self.rendered_metrics)
+        return make_api_server(self.protocol.handle, readiness, self.rendered_metrics)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -342,14 +342,14 @@ class Node:
         # With API workers the primary leaves the API port to them: it keeps its CPU for
         # what only it does (Raft, the audit chain and its files, the admin API), which
         # every worker's requests wait on.
-        sites = [] if self.workers is not None else [(self.api_app(), self.config.api_listen)]
-        for app, listen in (*sites,
-                            (make_admin_app(self.authenticator, self.core, self.current_status,
-                                            self.audit_sink, self.digest_signer,
-                                            self._raft_password,
-                                            self.domain_rotator, self.peers),
-                             self.config.admin_listen)):
-            runner = web.AppRunner(app, access_log=None)
+        admin = web.AppRunner(make_admin_app(self.authenticator, self.core, self.current_status,
+                                             self.audit_sink, self.digest_signer,
+                                             self._raft_password, self.domain_rotator,
+                                             self.peers), access_log=None)
+        runners: list[tuple[web.BaseRunner, str]] = [(admin, self.config.admin_listen)]
+        if self.workers is None:
+            runners.insert(0, (web.ServerRunner(self.api_server()), self.config.api_listen))
+        for runner, listen in runners:
             await runner.setup()
             host, _, port = listen.rpartition(":")
             await web.TCPSite(runner, host, int(port),

@@ -97,7 +97,7 @@ def error_response(error: KmsError, request_id: str) -> web.Response:
     return json_response(error.to_body(), request_id, error.http_status)
 
 
-def signed_request(request: web.Request, body: bytes) -> SignedRequest:
+def signed_request(request: web.BaseRequest, body: bytes) -> SignedRequest:
     # The parsed headers as they are (a case-insensitive multidict): the verifier looks up
     # the few it needs instead of every header being copied and decoded per request.
     return SignedRequest(method=request.method, path=request.raw_path.split("?", 1)[0],
@@ -112,7 +112,7 @@ class Authenticator:
         self.verifier = verifier
         self.credentials = credentials
 
-    def authenticate(self, request: web.Request, body: bytes) -> tuple[Caller, str]:
+    def authenticate(self, request: web.BaseRequest, body: bytes) -> tuple[Caller, str]:
         verified = self.verifier.verify(signed_request(request, body),
                                         self.credentials.secret_for)
         return self.credentials.caller_for(verified.access_key_id), verified.region
@@ -153,7 +153,7 @@ class KmsProtocol:
         # (operation, outcome, seconds) of every answered request; for metrics.
         self.on_request = on_request
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.BaseRequest) -> web.Response:
         started = time.perf_counter()
         target = request.headers.get("X-Amz-Target", "")
         operation = target[len(TARGET_PREFIX):] if target.startswith(TARGET_PREFIX) else ""
@@ -196,7 +196,7 @@ class KmsProtocol:
         log_setup.REQUEST_ID.reset(request_id_token)
         return response
 
-    async def _serve(self, request: web.Request, exchange: _Exchange) -> dict[str, Any]:
+    async def _serve(self, request: web.BaseRequest, exchange: _Exchange) -> dict[str, Any]:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -236,7 +236,7 @@ class KmsProtocol:
             secure_transport=request.secure)
         return await handler(self.core, exchange.context, params)
 
-    async def _record(self, request: web.Request, exchange: _Exchange,
+    async def _record(self, request: web.BaseRequest, exchange: _Exchange,
                       body: dict[str, Any] | None, error: KmsError | None) -> ChainedRecord:
         caller = exchange.caller
         decisions = exchange.context.decisions if exchange.context else []

@@ -26,7 +26,7 @@ from aiohttp import web
 from cluster import commands
 from cluster.raft_node import RaftUnavailable
 from cluster.state import ApplyResult, KmsState
-from kmsd.api.api_app import make_api_app
+from kmsd.api.api_app import make_api_server
 from kmsd.api.protocol import KmsProtocol
 from kmsd.api.validation import RequestValidator
 from kmsd.api_workers import wire
@@ -245,7 +245,7 @@ class ApiWorker:
                                     RequestValidator(), self._not_ready,
                                     RemoteAuditCommitter(self.link),  # type: ignore[arg-type]
                                     config.node_id, self.link.observe)
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
 
     def _on_applied(self, command: commands.Command, result: ApplyResult) -> None:
         self.parts.effects.applied(command, result)
@@ -259,7 +259,7 @@ class ApiWorker:
         reason = self.link.status.get("not_ready")
         return str(reason) if reason is not None else None
 
-    def app(self) -> web.Application:
+    def api_server(self) -> web.Server:
         async def readiness() -> tuple[int, dict[str, Any]]:
             # The node's readiness is the primary's (Raft, domain key, lag).
             try:
@@ -275,7 +275,7 @@ class ApiWorker:
             except (RaftUnavailable, RuntimeError):
                 return None
 
-        return make_api_app(self.protocol.handle, readiness, render_metrics)
+        return make_api_server(self.protocol.handle, readiness, render_metrics)
 
     async def run(self) -> None:
         """Serve until SIGTERM or until the primary goes away."""
@@ -292,7 +292,7 @@ class ApiWorker:
             self.link.writer.write(wire.frame(wire.READY, b""))
             if not await self._first_of(feed, self.link.may_serve):
                 return
-            self._runner = web.AppRunner(self.app(), access_log=None)
+            self._runner = web.ServerRunner(self.api_server())
             await self._runner.setup()
             host, _, port = self.config.api_listen.rpartition(":")
             # Listen only once the copy of the state is here: the kernel hands this socket
