@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import calendar
 import hashlib
+import hmac
 import json
 import re
+import sys
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -358,7 +361,48 @@ def test_signing_key_cache_is_bounded_and_evicts_oldest() -> None:
         assert derive.call_count == 4
         v.verify(sign(ak="AKID0", sk="secret-0"), keys.get)  # oldest, evicted
         assert derive.call_count == 5
-        assert len(v._keys) == 2
+        assert len(v._macs) == 2
+
+
+# -- the signature's HMAC -------------------------------------------------------------------
+
+@given(key=st.binary(max_size=200), message=st.binary(max_size=3000))
+def test_signing_mac_is_hmac_sha256(key: bytes, message: bytes) -> None:
+    assert sigv4.SigningMac(key).hexdigest(message) == hmac.new(
+        key, message, hashlib.sha256).hexdigest()
+
+
+def test_verification_keeps_the_gil() -> None:
+    """A node verifies on its event loop beside its Raft and audit threads: a call that let
+    go of the GIL would wait to win it back from them on every request."""
+    v = verifier()
+    requests = [sign(body=json.dumps({"n": n}).encode()) for n in range(5)]
+    v.verify(requests[0], secrets)  # the signing key is derived before the count
+    stop = threading.Event()
+    turns = [0]
+
+    def spin() -> None:
+        while not stop.is_set():
+            turns[0] += 1
+
+    # A thread waiting for the GIL takes it only when the holder lets go, or after the
+    # switch interval: far longer than the five verifications take.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.5)
+    spinner = threading.Thread(target=spin)
+    try:
+        spinner.start()
+        while turns[0] == 0:  # the spinner holds the GIL now and then; let it get going
+            pass
+        before = turns[0]
+        for request in requests:
+            v.verify(request, secrets)
+        during = turns[0] - before
+    finally:
+        stop.set()
+        spinner.join()
+        sys.setswitchinterval(interval)
+    assert during == 0
 
 
 # -- properties -------------------------------------------------------------------------------
