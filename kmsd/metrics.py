@@ -12,6 +12,7 @@ any request content: only operation names, outcomes and HSM call names.
 
 from __future__ import annotations
 
+import gc
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
                    10)
 HSM_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5)
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+GC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,10 @@ class _StateCollector(Collector):
                                   value=hits)
         yield CounterMetricFamily("kmsd_hsm_handle_cache_misses", "Unwrapped-key cache misses.",
                                   value=misses)
+        yield GaugeMetricFamily(
+            "kmsd_gc_frozen_objects",
+            "Objects of the primary process that garbage collections skip (kmsd.gc_pauses).",
+            value=gc.get_freeze_count())
         expiry = facts.certificate_expiry()
         if expiry is not None:
             yield GaugeMetricFamily("kmsd_tls_certificate_expiry_timestamp_seconds",
@@ -107,6 +113,10 @@ class NodeMetrics:
         self.audit_commit_failures = Counter(
             "kmsd_audit_commit_failures", "Audit records that could not be committed.",
             registry=registry)
+        self.gc_pause = Histogram(
+            "kmsd_gc_pause_seconds",
+            "Garbage collections of the primary process, by generation (2: full).",
+            ["generation"], buckets=GC_BUCKETS, registry=registry)
         registry.register(_StateCollector(facts))
 
     def merge_observed(self, body: Any) -> None:
@@ -116,6 +126,9 @@ class NodeMetrics:
     def observe_audit_batch(self, size: int, seconds: float) -> None:
         self.audit_batch_size.observe(size)
         self.audit_commit_duration.observe(seconds)
+
+    def observe_gc_pause(self, generation: int, seconds: float) -> None:
+        self.gc_pause.labels(str(generation)).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

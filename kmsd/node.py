@@ -30,7 +30,7 @@ from cluster.state import (
     KmsState,
     Rejected,
 )
-from kmsd import bootstrap, domain_blob, sd_notify
+from kmsd import bootstrap, domain_blob, gc_pauses, sd_notify
 from kmsd.api.admin import make_admin_app
 from kmsd.api.api_app import make_api_server
 from kmsd.api.protocol import KmsProtocol
@@ -101,6 +101,7 @@ class Node:
             certificate_expiry=lambda: (certificate_expiry(config.tls_certificate)
                                         if config.tls_certificate else None)))
         self.hsm.observe = self.metrics.observe_hsm
+        self.gc_pauses = gc_pauses.GcPauses(self.metrics.observe_gc_pause)
         self.audit = AuditCommitter(self.raft, on_batch=self.metrics.observe_audit_batch,
                                     on_failure=self.metrics.audit_commit_failures.inc)
         self.digest_signer = DigestSigner(self.core, self.audit, AsymmetricKeys(self.hsm),
@@ -201,6 +202,9 @@ class Node:
         await self._restore_pending_snapshot()
         await self._bootstrap_credentials()
         await self.digest_signer.ensure_key()
+        # The state as restored and caught up is lasting too; the only requests so far
+        # were refused as not ready.
+        gc_pauses.freeze_heap()
         self._not_ready = None
         sd_notify.status(f"serving as {self.config.node_id}")
         log.info("node_ready", domain_key_check=self.state.domain_key_check,
@@ -349,6 +353,9 @@ class Node:
         runners: list[tuple[web.BaseRunner, str]] = [(admin, self.config.admin_listen)]
         if self.workers is None:
             runners.insert(0, (web.ServerRunner(self.api_server()), self.config.api_listen))
+        # Before listening: from then on requests come, and their garbage must not freeze.
+        self.gc_pauses.install()
+        gc_pauses.freeze_heap()
         for runner, listen in runners:
             await runner.setup()
             host, _, port = listen.rpartition(":")
@@ -386,6 +393,7 @@ class Node:
         await self.asymmetric.stop()
         self.core.key_stores.close_all()
         self.hsm.close()
+        self.gc_pauses.uninstall()
         log.info("node_stopped")
 
 

@@ -26,6 +26,7 @@ from aiohttp import web
 from cluster import commands
 from cluster.raft_node import RaftUnavailable
 from cluster.state import ApplyResult, KmsState
+from kmsd import gc_pauses
 from kmsd.api.api_app import make_api_server
 from kmsd.api.protocol import KmsProtocol
 from kmsd.api.validation import RequestValidator
@@ -292,6 +293,8 @@ class ApiWorker:
             self.link.writer.write(wire.frame(wire.READY, b""))
             if not await self._first_of(feed, self.link.may_serve):
                 return
+            # Before listening: from then on requests come, and their garbage must not freeze.
+            gc_pauses.freeze_heap()
             self._runner = web.ServerRunner(self.api_server())
             await self._runner.setup()
             host, _, port = self.config.api_listen.rpartition(":")

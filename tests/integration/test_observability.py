@@ -43,6 +43,19 @@ def test_metrics_parse_and_move_with_traffic(cluster: Cluster) -> None:
     assert leaders == 1
 
 
+def test_the_start_up_heap_is_frozen_and_collections_are_timed(cluster: Cluster) -> None:
+    key = cluster.client(0).create_key()["KeyMetadata"]
+    for _ in range(20):
+        cluster.client(0).encrypt(KeyId=key["KeyId"], Plaintext=b"m")
+    for node in range(cluster.size):
+        samples = scrape(cluster, node)
+        # Modules, botocore's model, the validators: tens of thousands of objects that full
+        # collections no longer walk (kmsd.gc_pauses).
+        assert samples["kmsd_gc_frozen_objects{}"] > 20_000
+        assert samples["kmsd_gc_pause_seconds_count{generation=0}"] >= 1
+        assert samples["kmsd_gc_pause_seconds_sum{generation=0}"] > 0
+
+
 def test_health_and_readiness(cluster: Cluster) -> None:
     for node in range(cluster.size):
         with urllib.request.urlopen(cluster.info["endpoints"][node] + "/healthz") as response:
