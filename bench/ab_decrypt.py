@@ -13,7 +13,7 @@ of a shared machine shows in how many rounds it wins, not in one run.
     .venv/bin/python bench/ab_decrypt.py --tree old=/tmp/old --tree new=. --nodes 1 \\
         --api-workers 2 --levels 16,64 --rounds 6
 
-Writes bench/results/ab-decrypt-<date>-n<nodes>-w<workers>.json (or into --out-dir): per
+Writes bench/results/ab-decrypt-<date>T<HHMM>-n<nodes>-w<workers>.json (or into --out-dir): per
 round and level each tree's req/s, server CPU per request, p50 and p99; per level the
 medians and, for the first two trees, the rounds each one won. It reports, it never
 asserts.
@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = run(args)
     os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir,
-                        f"ab-decrypt-{result['date']}-n{args.nodes}-w{args.api_workers}.json")
+    # 2026-12-07T20:31:05Z -> 2026-12-07T2031: one file per run, however many a day.
+    stamp = result["started_at"][:16].replace(":", "")
+    path = os.path.join(args.out_dir, f"ab-decrypt-{stamp}-n{args.nodes}-w{args.api_workers}.json")
     with open(path, "w") as handle:
         json.dump(result, handle, indent=1)
     for level, entry in result["summary"].items():

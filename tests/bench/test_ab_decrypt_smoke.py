@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def test_ab_decrypt_measures_each_tree_in_every_round(tmp_path) -> None:
         capture_output=True, text=True, timeout=280, cwd=REPO, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     [name] = os.listdir(out_dir)
-    assert name.endswith("-n1-w0.json")
+    assert re.fullmatch(r"ab-decrypt-\d{4}-\d\d-\d\dT\d{4}-n1-w0\.json", name), name
     with open(out_dir / name) as handle:
         result = json.load(handle)
 
