@@ -12,9 +12,8 @@ import sys
 
 import pytest
 
-from tests.bench.test_bench_smoke import _ensure_wrk
+from tests.bench.test_bench_smoke import REPO, _ensure_wrk
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 AB_DECRYPT = os.path.join(REPO, "bench", "ab_decrypt.py")
 
 
