@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
+from bisect import bisect_left
 from typing import Any
 
 
@@ -37,13 +37,19 @@ def freeze_heap() -> int:
 
 
 class GcPauses:
-    """Calls `observe(generation, seconds)` after every collection in this process.
+    """How long each of this process's collections took, by generation: histogram rows
+    (a count per bucket of `bounds`, the last past them all, then the sum of seconds).
 
-    The callback runs inside the collection, on whichever thread's allocation set it off;
-    it only reads the clock and hands on two numbers."""
+    The callback runs inside the collection, on whichever thread's allocation set it off,
+    and takes no lock: the collector runs one collection at a time, callbacks included, and a
+    lock taken there could be held, copied, by a child pysyncobj forks for a snapshot."""
 
-    def __init__(self, observe: Callable[[int, float], None]) -> None:
-        self.observe = observe
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        # Every generation's row made here: the callback only adds to them, so a scrape's
+        # copy never sees the dict change size under it.
+        self.rows: dict[str, list[float]] = {
+            str(generation): [0] * (len(bounds) + 1) + [0.0] for generation in range(3)}
         self._started = 0.0
 
     def install(self) -> None:
@@ -54,9 +60,14 @@ class GcPauses:
         if self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
 
+    def copy(self) -> dict[str, list[float]]:
+        return {generation: list(row) for generation, row in self.rows.items()}
+
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
-        # Collections never overlap (the GIL is held throughout one), so one start suffices.
         if phase == "start":
             self._started = time.perf_counter()
-        else:
-            self.observe(info["generation"], time.perf_counter() - self._started)
+            return
+        seconds = time.perf_counter() - self._started
+        row = self.rows[str(info["generation"])]
+        row[bisect_left(self.bounds, seconds)] += 1  # le: a value on a bound counts in it
+        row[-1] += seconds

@@ -116,10 +116,10 @@ class RequestTallies:
         for (operation, outcome), row in requests.items():
             counts.add_metric([operation, outcome], sum(row[:-1]))
         yield counts
-        yield _histogram("kmsd_request_duration_seconds",
+        yield histogram_family("kmsd_request_duration_seconds",
                          "Request latency, audit commit included.", "operation",
                          self.requests.bounds, _by_first_label(requests))
-        yield _histogram("kmsd_hsm_call_duration_seconds", "HSM call latency.", "call",
+        yield histogram_family("kmsd_hsm_call_duration_seconds", "HSM call latency.", "call",
                          self.hsm.bounds, _by_first_label(hsm))
         errors = CounterMetricFamily("kmsd_hsm_errors", "HSM calls that failed.",
                                      labels=["call"])
@@ -173,7 +173,7 @@ def _by_first_label(rows: dict[tuple[Any, ...], Row]) -> dict[str, Row]:
     return out
 
 
-def _histogram(name: str, documentation: str, label: str, bounds: tuple[float, ...],
+def histogram_family(name: str, documentation: str, label: str, bounds: tuple[float, ...],
                rows: dict[str, Row]) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, documentation, labels=[label])
     for value, row in rows.items():

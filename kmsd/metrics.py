@@ -22,7 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kmsd.metric_tally import RequestTallies
+from kmsd.gc_pauses import GcPauses
+from kmsd.metric_tally import RequestTallies, histogram_family
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
@@ -77,10 +78,6 @@ class _StateCollector(Collector):
                                   value=hits)
         yield CounterMetricFamily("kmsd_hsm_handle_cache_misses", "Unwrapped-key cache misses.",
                                   value=misses)
-        yield GaugeMetricFamily(
-            "kmsd_gc_frozen_objects",
-            "Objects of the primary process that garbage collections skip (kmsd.gc_pauses).",
-            value=gc.get_freeze_count())
         expiry = facts.certificate_expiry()
         if expiry is not None:
             yield GaugeMetricFamily("kmsd_tls_certificate_expiry_timestamp_seconds",
@@ -93,6 +90,21 @@ class _TallyCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         return self.tallies.families()
+
+
+class _GcCollector(Collector):
+    def __init__(self, pauses: GcPauses) -> None:
+        self.pauses = pauses
+
+    def collect(self) -> Iterator[Any]:
+        yield histogram_family(
+            "kmsd_gc_pause_seconds",
+            "Garbage collections of the primary process, by generation (2: full).",
+            "generation", self.pauses.bounds, self.pauses.copy())
+        yield GaugeMetricFamily(
+            "kmsd_gc_frozen_objects",
+            "Objects of the primary process that garbage collections skip (kmsd.gc_pauses).",
+            value=gc.get_freeze_count())
 
 
 class NodeMetrics:
@@ -113,10 +125,9 @@ class NodeMetrics:
         self.audit_commit_failures = Counter(
             "kmsd_audit_commit_failures", "Audit records that could not be committed.",
             registry=registry)
-        self.gc_pause = Histogram(
-            "kmsd_gc_pause_seconds",
-            "Garbage collections of the primary process, by generation (2: full).",
-            ["generation"], buckets=GC_BUCKETS, registry=registry)
+        # Installed by the node (it owns when the process serves); read at scrape time.
+        self.gc_pauses = GcPauses(GC_BUCKETS)
+        registry.register(_GcCollector(self.gc_pauses))
         registry.register(_StateCollector(facts))
 
     def merge_observed(self, body: Any) -> None:
@@ -126,9 +137,6 @@ class NodeMetrics:
     def observe_audit_batch(self, size: int, seconds: float) -> None:
         self.audit_batch_size.observe(size)
         self.audit_commit_duration.observe(seconds)
-
-    def observe_gc_pause(self, generation: int, seconds: float) -> None:
-        self.gc_pause.labels(str(generation)).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -101,7 +101,6 @@ class Node:
             certificate_expiry=lambda: (certificate_expiry(config.tls_certificate)
                                         if config.tls_certificate else None)))
         self.hsm.observe = self.metrics.observe_hsm
-        self.gc_pauses = gc_pauses.GcPauses(self.metrics.observe_gc_pause)
         self.audit = AuditCommitter(self.raft, on_batch=self.metrics.observe_audit_batch,
                                     on_failure=self.metrics.audit_commit_failures.inc)
         self.digest_signer = DigestSigner(self.core, self.audit, AsymmetricKeys(self.hsm),
@@ -354,7 +353,7 @@ class Node:
         if self.workers is None:
             runners.insert(0, (web.ServerRunner(self.api_server()), self.config.api_listen))
         # Before listening: from then on requests come, and their garbage must not freeze.
-        self.gc_pauses.install()
+        self.metrics.gc_pauses.install()
         gc_pauses.freeze_heap()
         for runner, listen in runners:
             await runner.setup()
@@ -393,7 +392,7 @@ class Node:
         await self.asymmetric.stop()
         self.core.key_stores.close_all()
         self.hsm.close()
-        self.gc_pauses.uninstall()
+        self.metrics.gc_pauses.uninstall()
         log.info("node_stopped")
 
 
