@@ -45,16 +45,10 @@ def parse_tree(value: str) -> tuple[str, str]:
 def start_trees(processes: Processes, workdir: str, trees: dict[str, str], nodes: int
                 ) -> dict[str, decrypt.Target]:
     started = {}
-    home = benchlib.REPO_DIR
-    try:
-        for name, path in trees.items():
-            # benchlib starts `python -m kmsd.cli` in REPO_DIR: that tree's kmsd is imported.
-            benchlib.REPO_DIR = path
-            tree_dir = os.path.join(workdir, name)
-            os.makedirs(tree_dir)
-            started[name] = decrypt.start_kmsd(processes, tree_dir, nodes)
-    finally:
-        benchlib.REPO_DIR = home
+    for name, path in trees.items():
+        tree_dir = os.path.join(workdir, name)
+        os.makedirs(tree_dir)
+        started[name] = decrypt.start_kmsd(processes, tree_dir, nodes, repo_dir=path)
     return started
 
 

@@ -187,12 +187,12 @@ class Processes:
         self.started: list[subprocess.Popen] = []
 
     def start(self, args: Sequence[str], log_path: str, env: dict[str, str] | None = None,
-              stdout_pipe: bool = False) -> subprocess.Popen:
+              stdout_pipe: bool = False, cwd: str | None = None) -> subprocess.Popen:
         log = open(log_path, "ab")  # noqa: SIM115 - the child keeps it
         process = subprocess.Popen(
             list(args), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout_pipe else log, stderr=log,
-            env={**os.environ, **(env or {})}, cwd=REPO_DIR)
+            env={**os.environ, **(env or {})}, cwd=cwd or REPO_DIR)
         log.close()
         self.started.append(process)
         return process
@@ -482,14 +482,15 @@ def kmsd_base_port(nodes: int) -> int:
 
 
 def start_kmsd(processes: Processes, data_dir: str, nodes: int, timeout: float = 120.0,
-               api_workers: int = 0) -> KmsdCluster:
-    """`kmsd dev --nodes N` on 127.0.0.1; returns once every node is ready."""
+               api_workers: int = 0, repo_dir: str | None = None) -> KmsdCluster:
+    """`kmsd dev --nodes N` on 127.0.0.1; returns once every node is ready. It runs in
+    `repo_dir` (this tree by default), so that tree's kmsd is the one imported."""
     base = kmsd_base_port(nodes)
     os.makedirs(data_dir, exist_ok=True)
     process = processes.start(
         [sys.executable, "-m", "kmsd.cli", "dev", "--nodes", str(nodes), "--data-dir", data_dir,
          "--port", str(base), "--api-workers", str(api_workers)],
-        os.path.join(data_dir, "dev.log"), stdout_pipe=True)
+        os.path.join(data_dir, "dev.log"), stdout_pipe=True, cwd=repo_dir)
     assert process.stdout is not None
     ready, _, _ = select.select([process.stdout], [], [], timeout)
     line = process.stdout.readline() if ready else b""

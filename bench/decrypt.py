@@ -135,10 +135,11 @@ def parse_api_workers(value: str) -> dict[str, int]:
     return out
 
 
-def start_kmsd(processes: Processes, workdir: str, nodes: int) -> Target:
+def start_kmsd(processes: Processes, workdir: str, nodes: int,
+               repo_dir: str | None = None) -> Target:
     name = f"kmsd{nodes}"
     cluster = benchlib.start_kmsd(processes, os.path.join(workdir, name), nodes,
-                                  api_workers=API_WORKERS[name])
+                                  api_workers=API_WORKERS[name], repo_dir=repo_dir)
     creds = cluster.credentials
     first = cluster.endpoints[0]
     key_id = _expect_ok(first, "CreateKey", {"Description": "bench"}, creds,
