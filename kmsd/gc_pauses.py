@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import gc
 import time
-from bisect import bisect_left
 from typing import Any
+
+from kmsd.metric_tally import Row, add_to_row, empty_row
 
 
 def freeze_heap() -> int:
@@ -37,8 +38,8 @@ def freeze_heap() -> int:
 
 
 class GcPauses:
-    """How long each of this process's collections took, by generation: histogram rows
-    (a count per bucket of `bounds`, the last past them all, then the sum of seconds).
+    """How long each of this process's collections took, by generation, as histogram rows
+    of kmsd.metric_tally's shape.
 
     The callback runs inside the collection, on whichever thread's allocation set it off,
     and takes no lock: the collector runs one collection at a time, callbacks included, and a
@@ -48,8 +49,8 @@ class GcPauses:
         self.bounds = bounds
         # Every generation's row made here: the callback only adds to them, so a scrape's
         # copy never sees the dict change size under it.
-        self.rows: dict[str, list[float]] = {
-            str(generation): [0] * (len(bounds) + 1) + [0.0] for generation in range(3)}
+        self.rows: dict[str, Row] = {str(generation): empty_row(bounds)
+                                     for generation in range(3)}
         self._started = 0.0
 
     def install(self) -> None:
@@ -60,14 +61,12 @@ class GcPauses:
         if self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
 
-    def copy(self) -> dict[str, list[float]]:
+    def copy(self) -> dict[str, Row]:
         return {generation: list(row) for generation, row in self.rows.items()}
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._started = time.perf_counter()
             return
-        seconds = time.perf_counter() - self._started
-        row = self.rows[str(info["generation"])]
-        row[bisect_left(self.bounds, seconds)] += 1  # le: a value on a bound counts in it
-        row[-1] += seconds
+        add_to_row(self.rows[str(info["generation"])], self.bounds,
+                   time.perf_counter() - self._started)

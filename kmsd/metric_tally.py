@@ -25,6 +25,15 @@ from prometheus_client.utils import floatToGoString
 Row = list[float]
 
 
+def empty_row(bounds: tuple[float, ...]) -> Row:
+    return [0] * (len(bounds) + 1) + [0.0]
+
+
+def add_to_row(row: Row, bounds: tuple[float, ...], value: float) -> None:
+    row[bisect_left(bounds, value)] += 1  # le: a value on a bound counts in it
+    row[-1] += value
+
+
 class Histograms:
     """Histogram rows by label tuple. Observed on the event loop, but an HSM call can end on
     another thread: a lock keeps the read-modify-writes whole."""
@@ -38,9 +47,8 @@ class Histograms:
         with self._lock:
             row = self.rows.get(labels)
             if row is None:
-                row = self.rows[labels] = [0] * (len(self.bounds) + 1) + [0.0]
-            row[bisect_left(self.bounds, value)] += 1  # le: a value on a bound counts in it
-            row[-1] += value
+                row = self.rows[labels] = empty_row(self.bounds)
+            add_to_row(row, self.bounds, value)
 
     def take(self) -> dict[tuple[Any, ...], Row]:
         """The rows so far, and start again from none."""
@@ -117,10 +125,10 @@ class RequestTallies:
             counts.add_metric([operation, outcome], sum(row[:-1]))
         yield counts
         yield histogram_family("kmsd_request_duration_seconds",
-                         "Request latency, audit commit included.", "operation",
-                         self.requests.bounds, _by_first_label(requests))
+                               "Request latency, audit commit included.", "operation",
+                               self.requests.bounds, _by_first_label(requests))
         yield histogram_family("kmsd_hsm_call_duration_seconds", "HSM call latency.", "call",
-                         self.hsm.bounds, _by_first_label(hsm))
+                               self.hsm.bounds, _by_first_label(hsm))
         errors = CounterMetricFamily("kmsd_hsm_errors", "HSM calls that failed.",
                                      labels=["call"])
         for (call, failed), row in hsm.items():
@@ -174,7 +182,7 @@ def _by_first_label(rows: dict[tuple[Any, ...], Row]) -> dict[str, Row]:
 
 
 def histogram_family(name: str, documentation: str, label: str, bounds: tuple[float, ...],
-               rows: dict[str, Row]) -> HistogramMetricFamily:
+                     rows: dict[str, Row]) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, documentation, labels=[label])
     for value, row in rows.items():
         cumulative, buckets = 0.0, []
