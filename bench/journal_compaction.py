@@ -2,9 +2,11 @@
 """How long a Raft log compaction keeps the rest of a node's process from running.
 
 After a snapshot pysyncobj drops the compacted entries from its file journal
-(`deleteEntriesTo`) on its tick thread. kmsd's `cluster.journal.ScrubbingFileJournal`
-also overwrites the dropped bytes with zeros (they may hold wrapped material of
-deleted keys). While the tick thread holds the GIL, a node's event loop cannot run.
+(`deleteEntriesTo`) in a tick, which in kmsd runs on the node's event loop (and
+held the GIL on a tick thread of its own before). kmsd's
+`cluster.journal.ScrubbingFileJournal` also overwrites the dropped bytes with zeros
+(they may hold wrapped material of deleted keys). While the tick runs, the loop serves
+nothing else.
 
 This fills a journal with `--entries` entries of `--entry-bytes` bytes (AppendAudit
 entries of a cluster under load are 3-16 KB), then times `deleteEntriesTo` while a

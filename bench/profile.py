@@ -177,8 +177,7 @@ def per_thread(samples: list[tuple[list[str], int]]) -> dict[str, int]:
     counts: Counter[str] = Counter()
     for frames, count in samples:
         head = frames[0]
-        kind = ("event loop (MainThread)" if "MainThread" in head
-                else "Raft tick thread" if any("pysyncobj" in f for f in frames)
+        kind = ("event loop and Raft ticks (MainThread)" if "MainThread" in head
                 else head.split(":", 1)[-1].strip() or head)
         counts[kind] += count
     return dict(counts)

@@ -425,7 +425,7 @@ def markdown(r: dict[str, Any]) -> str:
                   f"msgpack before gzip): write {t['snapshot_write_s'] * 1000:,.0f} ms "
                   f"(to_snapshot {t['serialize_s'] * 1000:,.0f} ms + pickle/gzip "
                   f"{t['pickle_gzip_s'] * 1000:,.0f} ms, done in the child pysyncobj "
-                  "forks: the tick thread only forks), load "
+                  "forks: the tick only forks), load "
                   f"{t['snapshot_load_s'] * 1000:,.0f} ms."]
     lines += ["", "## Restart to ready (a follower)", "",
               "| how | to /readyz 200 s | to serving Decrypt s | RSS after ready MiB |",

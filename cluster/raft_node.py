@@ -1,10 +1,12 @@
 """pysyncobj behind a small asyncio interface: submit a command, await its result.
 
-pysyncobj runs in its own tick thread. `RaftNode.submit` turns a replicated
-call into an awaitable resolved on the event loop with
-`loop.call_soon_threadsafe`, with a timeout on every call (pysyncobj has none
-for asynchronous calls and queues commands indefinitely while there is no
-leader). Nothing here blocks the event loop on Raft.
+pysyncobj's ticks run on the event loop that starts the node
+(cluster/loop_tick.py): its sockets are the loop's, and a tick follows every
+socket event and runs at least every 50 ms. Replicated methods, their
+callbacks and pysyncobj's tick callbacks therefore all run on the loop thread.
+`RaftNode.submit` turns a replicated call into an awaitable, with a timeout on
+every call (pysyncobj has none for asynchronous calls and queues commands
+indefinitely while there is no leader).
 
 Configuration choices and why (see FACTS.md §0, §B):
 - `password` is always set: the Raft port speaks pickle, and without it any
@@ -24,8 +26,8 @@ Configuration choices and why (see FACTS.md §0, §B):
   within seconds.
 - `useFork=True` with a lazy snapshot: at log compaction pysyncobj forks, and
   the state's msgpack form is built, pickled and gzipped in the child, from a
-  copy-on-write image of the state as applied. On the tick thread that took
-  12.9 s at 66k keys, and no entry committed meanwhile. The child touches no
+  copy-on-write image of the state as applied. In the tick that took 12.9 s
+  at 66k keys, and no entry committed meanwhile. The child touches no
   PKCS#11 session (never used after fork, as Cryptoki requires) and leaves with
   `os._exit`, so no atexit handler or C_Finalize runs there.
 - the journal is `cluster.journal.ScrubbingFileJournal`: entries dropped by
@@ -43,15 +45,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj import (
+    FAIL_REASON,
+    SyncObj,
+    SyncObjConf,
+    SyncObjConsumer,
+    SyncObjException,
+    replicated,
+)
 
-from cluster import commands, journal, raft_wire
+from cluster import commands, journal, loop_tick, raft_wire
 from cluster.state import ApplyResult, KmsState
 from cluster.syncobj_guard import PEER_MESSAGE_PREFIX, GuardedSyncObj
 
 AppliedListener = Callable[[commands.Command, ApplyResult], None]
 PackedListener = Callable[[bytes, commands.Command, ApplyResult], None]
 PeerMessageHandler = Callable[[str, dict[str, Any]], None]
+
+# pysyncobj's autoTickPeriod: the longest a tick waits when no socket event comes.
+_TICK_PERIOD = 0.05
 
 _FAIL_NAMES = {value: name for name, value in vars(FAIL_REASON).items() if name.isupper()}
 
@@ -76,8 +88,8 @@ class _ReplicatedKmsState(SyncObjConsumer):
         super().__init__()
         self._kms_state = state
         self._listener = listener
-        # Copies of the state outside this process (API workers) follow these two, on the
-        # tick thread: each applied entry as logged, and every snapshot installed.
+        # Copies of the state outside this process (API workers) follow these two, in the
+        # tick: each applied entry as logged, and every snapshot installed.
         self.packed_listener: PackedListener | None = None
         self.restored_listener: Callable[[], None] | None = None
 
@@ -95,8 +107,8 @@ class _ReplicatedKmsState(SyncObjConsumer):
         return result
 
     def _serialize(self) -> _SnapshotWhenPickled:
-        # Called on the tick thread; the pickling (and so to_snapshot) happens in the
-        # child pysyncobj forks for the dump.
+        # Called in the tick; the pickling (and so to_snapshot) happens in the child
+        # pysyncobj forks for the dump.
         return _SnapshotWhenPickled(self._kms_state)
 
     def _deserialize(self, data: bytes) -> None:
@@ -126,14 +138,21 @@ class RaftNode:
         self._consumer = _ReplicatedKmsState(state, listener or (lambda _c, _r: None))
         self._syncobj: SyncObj | None = None
         self._status_lock = threading.Lock()
-        # Calls that touch pysyncobj internals run on its tick thread, queued here.
+        # Calls that touch pysyncobj internals run in its tick, queued here (any thread).
         self._tick_jobs: deque[Callable[[], None]] = deque()
         self._peer_handler: PeerMessageHandler | None = None
+        self._ticker: loop_tick.LoopTicker | None = None
+        self._poller: loop_tick.LoopPoller | None = None
 
     def start(self) -> None:
+        """Start the Raft member; called on the event loop that will run its ticks."""
+        loop = asyncio.get_running_loop()
         os.makedirs(self.settings.data_dir, exist_ok=True)
         journal.install()
         raft_wire.install()
+        loop_tick.install()
+        self._ticker = loop_tick.LoopTicker(loop, self._tick, _TICK_PERIOD)
+        self._poller = loop_tick.LoopPoller(loop, self._ticker.request)
         conf = SyncObjConf(
             password=self.settings.password,
             journalFile=os.path.join(self.settings.data_dir, "raft.journal"),
@@ -144,34 +163,53 @@ class RaftNode:
             useFork=True,
             logCompactionMinEntries=self.settings.compaction_min_entries,
             logCompactionMinTime=self.settings.compaction_min_seconds,
+            autoTick=False,
+            pollerType=self._poller,
+            # Without a tick thread pysyncobj binds in its constructor, retrying at once
+            # for as many attempts as this allows (0: forever, on the loop's thread).
+            maxBindRetries=1,
         )
-        self._syncobj = GuardedSyncObj(self.settings.self_address,
-                                       list(self.settings.peer_addresses),
-                                       conf=conf, consumers=[self._consumer],
-                                       encryptor=raft_wire.AeadEncryptor(self.settings.password))
+        try:
+            self._syncobj = GuardedSyncObj(
+                self.settings.self_address, list(self.settings.peer_addresses),
+                conf=conf, consumers=[self._consumer],
+                encryptor=raft_wire.AeadEncryptor(self.settings.password))
+        except SyncObjException as exc:
+            self._poller.close()
+            raise OSError(f"cannot listen for Raft on {self.settings.self_address}") from exc
         self._syncobj.addOnTickCallback(self._run_tick_jobs)
         self._syncobj.peer_message_handler = self._peer_message
         log = self._syncobj._SyncObj__raftLog
         if isinstance(log, journal.ScrubbingFileJournal):
             syncobj = self._syncobj
             log.current_term = lambda: syncobj.raftCurrentTerm
+        self._ticker.start()
+        self._ticker.request()
+
+    def _tick(self) -> None:
+        if self._syncobj is not None:
+            self._syncobj.doTick(0.0)
 
     def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
         if self._syncobj is not None:
             self._syncobj.destroy()
             self._syncobj = None
+        if self._poller is not None:
+            self._poller.close()
 
     def _run_tick_jobs(self) -> None:
         while self._tick_jobs:
             self._tick_jobs.popleft()()
 
     def call_on_tick(self, job: Callable[[], None]) -> None:
-        """Run `job` on the tick thread between two ticks: no entry is applied meanwhile."""
+        """Run `job` at the end of the next tick: no entry is applied meanwhile."""
         self._tick_jobs.append(job)
 
     def on_peer_message(self, handler: PeerMessageHandler) -> None:
-        """Hear the messages other nodes send with `send_to_leader`/`send_to`, on the tick
-        thread: handler(sender address, message)."""
+        """Hear the messages other nodes send with `send_to_leader`/`send_to`, in the tick:
+        handler(sender address, message)."""
         self._peer_handler = handler
 
     def _peer_message(self, node: Any, message: dict[str, Any]) -> None:
@@ -185,7 +223,7 @@ class RaftNode:
 
     def send_to_leader(self, message: dict[str, Any]) -> str | None:
         """Send `message` (a dict whose "type" starts with "kmsd_") to the current leader
-        over the Raft connection, from the tick thread; the leader's address, or None when
+        over the Raft connection, from the next tick; the leader's address, or None when
         no leader is reachable (nothing is sent). Delivery is not confirmed: a sender that
         needs an answer waits for one, with a timeout."""
         address = self.leader_address()
@@ -197,12 +235,12 @@ class RaftNode:
         return address
 
     def send_to(self, address: str, message: dict[str, Any]) -> None:
-        """Send `message` to the member at `address`, from the tick thread (any thread may
+        """Send `message` to the member at `address`, from the next tick (any thread may
         call this)."""
         self._send_on_tick(address, message)
 
     def send_now(self, address: str, message: dict[str, Any]) -> None:
-        """`send_to` for a caller already on the tick thread (a peer message handler)."""
+        """`send_to` for a caller already in the tick (a peer message handler)."""
         syncobj = self._syncobj
         if syncobj is None:
             return
@@ -218,38 +256,36 @@ class RaftNode:
         self._wake_tick()
 
     def _wake_tick(self) -> None:
-        # The tick thread sleeps in its poller until a socket event or the tick period;
-        # queued work should not wait for either.
+        # Queued work should not wait for the next socket event or the tick period; the
+        # notifier's pipe is one of the loop's readers, so this works from any thread.
         notifier = getattr(self._syncobj, "_SyncObj__pipeNotifier", None)
         if notifier is not None:
             notifier.notify()
 
     def follow(self, on_packed: PackedListener, on_restored: Callable[[], None]) -> None:
-        """Hear every applied entry (as logged) and every installed snapshot, on the tick
-        thread: what a copy of the state elsewhere needs to stay equal to this one."""
+        """Hear every applied entry (as logged) and every installed snapshot, in the tick:
+        what a copy of the state elsewhere needs to stay equal to this one."""
         self._consumer.packed_listener = on_packed
         self._consumer.restored_listener = on_restored
 
     async def _call(self, invoke: Callable[[Callable[[Any, int], None]], None],
                     timeout: float | None, what: str, needs_result: bool) -> Any:
-        """Run a pysyncobj call that reports through a callback on its tick thread, and
-        await that report on the event loop, with a timeout (pysyncobj has none)."""
+        """Run a pysyncobj call that reports through a callback in a tick, and await that
+        report, with a timeout (pysyncobj has none)."""
         if self._syncobj is None:
             raise RaftUnavailable("raft node is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
 
-        def resolve(result: Any, error: int) -> None:  # runs on the pysyncobj tick thread
-            def settle() -> None:
-                if future.done():
-                    return
-                if error != FAIL_REASON.SUCCESS:
-                    future.set_exception(RaftUnavailable(_FAIL_NAMES.get(error, str(error))))
-                elif needs_result and result is None:
-                    future.set_exception(RaftUnavailable("command refused by every replica"))
-                else:
-                    future.set_result(result)
-            loop.call_soon_threadsafe(settle)
+        def resolve(result: Any, error: int) -> None:  # in a tick, on this loop's thread
+            if future.done():  # timed out and cancelled meanwhile
+                return
+            if error != FAIL_REASON.SUCCESS:
+                future.set_exception(RaftUnavailable(_FAIL_NAMES.get(error, str(error))))
+            elif needs_result and result is None:
+                future.set_exception(RaftUnavailable("command refused by every replica"))
+            else:
+                future.set_result(result)
 
         invoke(resolve)
         try:
@@ -341,7 +377,7 @@ class RaftNode:
     def status(self) -> dict[str, Any]:
         if self._syncobj is None:
             return {"state": "stopped"}
-        # getStatus iterates dicts the tick thread mutates; retry the rare race.
+        # getStatus iterates dicts a tick mutates: a caller on another thread may race it.
         for _ in range(5):
             try:
                 raw = self._syncobj.getStatus()

@@ -10,10 +10,11 @@ keys: under that store's key, in its token); access-key secrets and key store
 passwords only sealed under the domain key. Which domain-key generation wraps what, and the
 commands of a domain-key rotation, are in cluster/domain_generations.py.
 
-Threading: `apply` runs on pysyncobj's tick thread while the event loop reads.
-Every change replaces a whole frozen record (`dict[k] = new`) or removes one,
-which is atomic under the GIL; readers take single lookups or `list(...)`
-copies and never iterate a live dict.
+Threading: `apply` runs in a pysyncobj tick on the node's event loop
+(cluster/loop_tick.py), and executor threads may read meanwhile. Every change
+replaces a whole frozen record (`dict[k] = new`) or removes one, which is
+atomic under the GIL; readers take single lookups or `list(...)` copies and
+never iterate a live dict.
 """
 
 from __future__ import annotations

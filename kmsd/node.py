@@ -126,7 +126,7 @@ class Node:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _on_applied(self, command: commands.Command, result: object) -> None:
-        """Runs on the Raft thread after every apply: side effects that live outside the state."""
+        """Runs in the Raft tick after every apply: side effects that live outside the state."""
         if isinstance(command, commands.AppendAudit):
             if isinstance(result, Applied):
                 self.audit_sink.put(result.value)

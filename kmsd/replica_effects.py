@@ -2,8 +2,8 @@
 copy of it: HSM handles of deleted material are dropped, sessions with a custom key store
 that was disconnected, changed or deleted are closed.
 
-The node's primary process applies on the Raft tick thread, an API worker on its event
-loop; either way the work itself is handed to the event loop, which owns the handles.
+The node's primary process applies in a Raft tick, an API worker as it reads its feed; both
+run on the process's event loop, and the work itself is left to a later turn of it.
 """
 
 from __future__ import annotations

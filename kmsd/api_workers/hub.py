@@ -9,7 +9,7 @@ and login (python-pkcs11 sessions must not be shared across processes or
 threads: FACTS.md §0.1).
 
 A worker's copy of the state follows the primary's exactly: on connecting it
-receives a snapshot taken on the Raft tick thread, between two applies, and
+receives a snapshot taken in a Raft tick, between two applies, and
 from then on every entry the primary applies, in log order, as the log holds
 it (but audit batches, of which it gets only the key uses). Whenever the
 primary installs a snapshot from the leader, the workers are started again
@@ -70,7 +70,7 @@ class _WorkerLink:
         self.counts: dict[str, int] = {}
 
         # While a forked child writes this worker's snapshot into the socket, frames wait
-        # here (set on the tick thread before anything is sent to it; see _subscribe).
+        # here (set in a tick before anything is sent to it; see _subscribe).
         self.holding = False
         self.held: list[bytes] = []
         socket_ = writer.get_extra_info("socket")
@@ -126,7 +126,7 @@ class WorkerHub:
         self.readiness = readiness
         # Adds a worker's OBSERVED body (RequestTallies.take_wire) to the node's metrics.
         self.merge_observed = merge_observed
-        # Read on the tick thread, replaced (never mutated) on the event loop.
+        # Read in the tick, replaced (never mutated) outside it.
         self._subscribers: tuple[_WorkerLink, ...] = ()
         self._links: dict[int, _WorkerLink] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -270,7 +270,7 @@ class WorkerHub:
             log.warning("api_worker_exited", index=link.index, code=code)
             self._spawn_soon(link.index, RESPAWN_DELAY_SECONDS)
 
-    # -- the state feed (tick thread) -------------------------------------------
+    # -- the state feed (in the tick) --------------------------------------------
 
     def _on_packed(self, packed: bytes, command: commands.Command,
                    result: ApplyResult) -> None:
@@ -290,7 +290,7 @@ class WorkerHub:
 
     def _on_restored(self) -> None:
         """A snapshot from the leader replaced the state (this node was far behind): the
-        workers start again from it. They leave the feed here, on the tick thread, before
+        workers start again from it. They leave the feed here, in the tick, before
         any entry after the snapshot applies."""
         subscribers, self._subscribers = self._subscribers, ()
         if subscribers and self._loop is not None:

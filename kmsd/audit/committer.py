@@ -158,7 +158,7 @@ class AuditCommitter:
         # On the leader: batches followers forwarded, (sender address, token, items).
         self._forwarded: deque[tuple[str, int, list[AuditItem]]] = deque()
         # On a follower: each forwarded record's event bytes -> its future and its batch.
-        # Written on the event loop only; the Raft thread only tests membership.
+        # Written outside the Raft tick only; the tick only tests membership.
         self._awaiting: dict[bytes, tuple[asyncio.Future[ChainedRecord], _Forward]] = {}
         self._forwards: dict[int, _Forward] = {}
         self._next_token = 0
@@ -339,7 +339,7 @@ class AuditCommitter:
         forward.done.set_result(None)
 
     def on_applied(self, command: commands.AppendAudit, result: ApplyResult) -> None:
-        """Called on the Raft thread for every applied AppendAudit: settles this node's
+        """Called in the Raft tick for every applied AppendAudit: settles this node's
         forwarded records that it holds."""
         awaiting = self._awaiting
         if not awaiting or self._loop is None:
@@ -357,7 +357,7 @@ class AuditCommitter:
                                 getattr(result, "message", "refused"))
 
     def _call_soon(self, callback: Callable[..., None], *args: Any) -> bool:
-        """Hand `callback` to the event loop from the Raft thread; False once the loop is
+        """Hand `callback` to the event loop from the Raft tick; False once the loop is
         closed (the node is stopping: nothing is waiting any more)."""
         loop = self._loop
         if loop is None:
@@ -389,7 +389,7 @@ class AuditCommitter:
     # -- the leader's side --------------------------------------------------------------
 
     def _on_peer_message(self, sender: str, message: dict[str, Any]) -> None:
-        """On the Raft thread: a follower's batch, or the leader refusing ours."""
+        """In the Raft tick: a follower's batch, or the leader refusing ours."""
         kind, token = message.get("type"), message.get("token")
         if type(token) is not int:
             return

@@ -1,6 +1,6 @@
 """Writing the applied chain to this node's segment files, off every hot thread.
 
-The Raft thread hands over each applied batch (a non-blocking queue put); one
+The Raft tick hands over each applied batch (a non-blocking queue put); one
 writer thread appends and fsyncs it with SegmentWriter. A replay after a
 restart re-applies records already on disk; SegmentWriter skips those.
 
@@ -68,7 +68,7 @@ class SegmentSink:
         return self._writer.head
 
     def put(self, records: Sequence[ChainedRecord]) -> None:
-        """Called on the Raft thread for every applied batch: never blocks."""
+        """Called in the Raft tick (on the event loop) for every applied batch: never blocks."""
         self._queue.put(list(records))
 
     def backfill(self, records: list[ChainedRecord]) -> None:

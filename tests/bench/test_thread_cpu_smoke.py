@@ -29,11 +29,11 @@ def test_thread_cpu_reports_the_threads_that_served(tmp_path) -> None:
     assert result["load"]["requests"] > 0
     assert result["load"]["errors"] == 0
     rows = result["threads"]
-    # A single node leads; its event loop serves the requests, its tick thread commits.
+    # A single node leads; its event loop serves the requests and runs the Raft ticks.
     assert {row["process"] for row in rows} == {"node-1 leader"}
     by_thread = {row["thread"]: row for row in rows}
     assert by_thread["MainThread"]["us_per_request"] > 0
-    assert len(rows) >= 2  # the Raft tick thread worked too (named only when py-spy is here)
+    assert len(rows) >= 2  # the audit segment writer worked too (named only with py-spy)
     for row in rows:
         assert row["us_per_request"] == pytest.approx(
             row["user_us_per_request"] + row["system_us_per_request"])

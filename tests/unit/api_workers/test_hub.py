@@ -114,7 +114,7 @@ def test_a_new_worker_starts_from_the_state_as_applied_and_follows_every_entry(t
             await primary.hub.submit(_register(n))
         _link, copy, _task = await primary.worker()
         assert _without_chain(copy) == _without_chain(primary.state)
-        # Encoded in a forked child, off the Raft tick thread (this count is the parent's,
+        # Encoded in a forked child, outside the Raft tick (this count is the parent's,
         # taken before the comparison above encoded it once).
         assert primary.state.snapshots_built_here == 1
         for n in range(3, 8):
@@ -158,7 +158,7 @@ def test_after_a_snapshot_install_the_workers_leave_the_feed_and_start_again(tmp
     async def scenario(primary: _Primary) -> None:
         link, _copy, task = await primary.worker(0)
         done, loop = asyncio.Event(), asyncio.get_running_loop()
-        # As pysyncobj calls it: on the tick thread, right after installing the snapshot.
+        # As pysyncobj calls it: in the tick, right after installing the snapshot.
         primary.raft.call_on_tick(lambda: (primary.hub._on_restored(),
                                            loop.call_soon_threadsafe(done.set)))
         await asyncio.wait_for(done.wait(), 5)

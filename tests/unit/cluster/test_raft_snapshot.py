@@ -1,5 +1,5 @@
 """Log compaction through a real single-member pysyncobj node: the state's snapshot is built
-in the child pysyncobj forks, not on the tick thread, and a restart restores it."""
+in the child pysyncobj forks, not in the tick, and a restart restores it."""
 
 from __future__ import annotations
 
