@@ -225,7 +225,9 @@ def configure(node_id: str, level: int = logging.INFO, stream: TextIO | None = N
     # Libraries that log through the standard library (pysyncobj, aiohttp) end up as JSON too.
     handler = _WriterHandler()
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _render_json],
+        # A library's traceback (asyncio's "Exception in callback") as text, as kmsd's own.
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, _render_json],
         foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
     ))
     root = logging.getLogger()

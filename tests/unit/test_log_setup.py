@@ -163,3 +163,16 @@ def test_lines_still_held_at_exit_are_written(tmp_path) -> None:
                             env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=60,
                             check=True)
     assert [json.loads(line)["request_id"] for line in result.stderr.splitlines()] == ["last"]
+
+
+def test_a_library_error_with_a_traceback_carries_the_traceback_as_text(out) -> None:
+    try:
+        raise OSError(9, "Bad file descriptor")
+    except OSError:
+        logging.getLogger("asyncio").exception("Exception in callback")
+    line = lines(out)[-1]
+    assert line["event"] == "Exception in callback"
+    assert line["level"] == "error"
+    assert "exc_info" not in line
+    assert "Traceback (most recent call last)" in line["exception"]
+    assert "OSError: [Errno 9] Bad file descriptor" in line["exception"]
