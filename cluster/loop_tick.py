@@ -8,10 +8,11 @@ cores the node shares with its peers.
 
 Here the transport's sockets are watched by the event loop itself (`LoopPoller`,
 pysyncobj's poller interface on `add_reader`/`add_writer`), and `LoopTicker` runs a
-tick right after any socket event (once per loop iteration, however many events
-came) and at least every `period` seconds, which is what the tick thread's
-`poll(autoTickPeriod)` gave. Replicated methods, their callbacks and pysyncobj's
-tick callbacks then all run on the event loop thread.
+tick at the loop's next turn after a socket event (one tick, however many events
+came in a turn) and at least every `period` seconds, which is what the tick
+thread's `poll(autoTickPeriod)` gave. Replicated methods, their callbacks and
+pysyncobj's tick callbacks then all run on the event loop thread. Another thread
+wakes a tick through pysyncobj's own notification pipe, one of the loop's readers.
 """
 
 from __future__ import annotations
@@ -121,9 +122,6 @@ class LoopTicker:
         if not self._soon and not self._stopped:
             self._soon = True
             self._loop.call_soon(self._run)
-
-    def request_threadsafe(self) -> None:
-        self._loop.call_soon_threadsafe(self.request)
 
     def stop(self) -> None:
         self._stopped = True

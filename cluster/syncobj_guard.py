@@ -20,11 +20,11 @@ The follower's commit index moves again with the first regular batch after
 the snapshot is installed, once its log is known to match the leader's.
 
 The wake: a leader appends queued commands at the end of its tick, after the
-tick's commit step, and then sleeps in its poller until a socket event or
-`autoTickPeriod` (50 ms). With peers, their acknowledgements wake it; a
+tick's commit step, and its next tick comes with a socket event or after the
+tick period (50 ms). With peers, their acknowledgements bring it; a
 single-member cluster has none, so every commit waited the whole period
 (measured: 18 Decrypt/s at one request in flight). After appending, such a
-leader now wakes its own poller so the next tick commits at once.
+leader now notifies itself (pysyncobj's pipe) so the next tick commits at once.
 
 The late acknowledgement: with appendEntriesUseBatch=False the leader sends
 each entry as soon as it appends it and moves the follower's nextIndex past it.
