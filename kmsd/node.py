@@ -46,6 +46,7 @@ from kmsd.config import NodeConfig
 from kmsd.errors import KMSInternalException
 from kmsd.hsm.asymmetric import AsymmetricKeys
 from kmsd.hsm.partition import HsmAuthenticationFailed
+from kmsd.loop_lag import LoopLagProbe
 from kmsd.metrics import NodeFacts, NodeMetrics
 from kmsd.service import domain_members, principals
 from kmsd.service.domain_rotation import DomainRotator, PeerClient
@@ -101,6 +102,7 @@ class Node:
             certificate_expiry=lambda: (certificate_expiry(config.tls_certificate)
                                         if config.tls_certificate else None)))
         self.hsm.observe = self.metrics.observe_hsm
+        self.loop_lag = LoopLagProbe(self.metrics.loop_lag.observe)
         self.audit = AuditCommitter(self.raft, on_batch=self.metrics.observe_audit_batch,
                                     on_failure=self.metrics.audit_commit_failures.inc)
         self.digest_signer = DigestSigner(self.core, self.audit, AsymmetricKeys(self.hsm),
@@ -354,6 +356,7 @@ class Node:
             runners.insert(0, (web.ServerRunner(self.api_server()), self.config.api_listen))
         # Before listening: from then on requests come, and their garbage must not freeze.
         self.metrics.gc_pauses.install()
+        self.loop_lag.start(self._loop)
         gc_pauses.freeze_heap()
         for runner, listen in runners:
             await runner.setup()
@@ -393,6 +396,7 @@ class Node:
         self.core.key_stores.close_all()
         self.hsm.close()
         self.metrics.gc_pauses.uninstall()
+        self.loop_lag.stop()
         log.info("node_stopped")
 
 

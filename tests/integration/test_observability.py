@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -54,6 +55,17 @@ def test_the_start_up_heap_is_frozen_and_collections_are_timed(cluster: Cluster)
         assert samples["kmsd_gc_frozen_objects{}"] > 20_000
         assert samples["kmsd_gc_pause_seconds_count{generation=0}"] >= 1
         assert samples["kmsd_gc_pause_seconds_sum{generation=0}"] > 0
+
+
+def test_each_node_times_its_event_loop(cluster: Cluster) -> None:
+    for node in range(cluster.size):
+        first = scrape(cluster, node)["kmsd_event_loop_lag_seconds_count{}"]
+        time.sleep(0.6)  # a probe runs every 0.25 s
+        samples = scrape(cluster, node)
+        assert samples["kmsd_event_loop_lag_seconds_count{}"] >= first + 1
+        assert samples["kmsd_event_loop_lag_seconds_bucket{le=+Inf}"] == \
+            samples["kmsd_event_loop_lag_seconds_count{}"]
+        assert samples["kmsd_event_loop_lag_seconds_sum{}"] >= 0
 
 
 def test_health_and_readiness(cluster: Cluster) -> None:

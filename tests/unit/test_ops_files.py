@@ -56,7 +56,7 @@ COUNTERS = {"kmsd_requests_total", "kmsd_hsm_errors_total", "kmsd_hsm_handle_cac
             "kmsd_hsm_handle_cache_misses_total", "kmsd_audit_commit_failures_total"}
 HISTOGRAMS = {"kmsd_request_duration_seconds", "kmsd_hsm_call_duration_seconds",
               "kmsd_audit_batch_size", "kmsd_audit_commit_duration_seconds",
-              "kmsd_gc_pause_seconds"}
+              "kmsd_gc_pause_seconds", "kmsd_event_loop_lag_seconds"}
 GAUGES = {"kmsd_raft_is_leader", "kmsd_raft_has_leader", "kmsd_raft_term",
           "kmsd_raft_commit_index", "kmsd_raft_applied_index", "kmsd_raft_lag_entries",
           "kmsd_keys", "kmsd_tls_certificate_expiry_timestamp_seconds", "kmsd_node_info",
@@ -764,6 +764,7 @@ def _openmetrics(end: int) -> str:
     histogram("kmsd_gc_pause_seconds", (0.001, 0.01, 0.1),
               [{"generation": g} for g in ("0", "1", "2")])
     gauge("kmsd_gc_frozen_objects", {i: [95_000.0] * _SAMPLES for i in _INSTANCES})
+    histogram("kmsd_event_loop_lag_seconds", (0.001, 0.01, 0.4), [{}])
     gauge("kmsd_node_info", {i: [1.0] * _SAMPLES for i in _INSTANCES},
           labels=lambda i: {"node_id": _INSTANCES[i][0], "az": _INSTANCES[i][1],
                             "region": "eu-west-1"})
