@@ -554,7 +554,7 @@ def test_alert_rules_cover_the_required_conditions():
     alerts = _alert_exprs()
     assert {"KmsdNoLeader", "KmsdNodeLagging", "KmsdAuditCommitSlow", "KmsdAuditCommitFailures",
             "KmsdHsmErrors", "KmsdCertificateExpiringSoon", "KmsdNodeDown",
-            "KmsdMajorityOfVotersInOneAZ"} <= set(alerts)
+            "KmsdMajorityOfVotersInOneAZ", "KmsdEventLoopStalls"} <= set(alerts)
     assert "kmsd_node_info" in promql_series(alerts["KmsdMajorityOfVotersInOneAZ"])
     assert "14 * 86400" in alerts["KmsdCertificateExpiringSoon"]
     assert "histogram_quantile(0.99" in alerts["KmsdAuditCommitSlow"]
