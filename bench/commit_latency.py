@@ -11,7 +11,9 @@ over the nodes) for `--duration` seconds. Around each load it reads every node's
   their mean size, and the mean time from a batch's hand-over to its commit
   (`kmsd_audit_commit_duration_seconds`: on a follower, until the task that forwarded
   the batch sees it applied), with the histogram bucket below which 90 % of them fell;
-- the Raft entries committed meanwhile (the commit index), per second.
+- the Raft entries committed meanwhile (the commit index), per second;
+- how late the node's event loop ran its lag probe's timers (`kmsd_event_loop_lag_seconds`,
+  one every 0.25 s): the wait every Raft message and request met on that node.
 
 It reports, it never asserts. The machine is shared: compare figures of one run.
 
@@ -36,21 +38,24 @@ from prometheus_client.parser import text_string_to_metric_families
 
 _BATCH = "kmsd_audit_batch_size"
 _COMMIT = "kmsd_audit_commit_duration_seconds"
+_LAG = "kmsd_event_loop_lag_seconds"
 
 
 def read_metrics(endpoint: str) -> dict[str, Any]:
     """The figures this benchmark differences, from one node's /metrics."""
     with urllib.request.urlopen(endpoint + "/metrics", timeout=5) as answer:
         text = answer.read().decode()
-    found: dict[str, Any] = {"commit_buckets": {}}
+    found: dict[str, Any] = {"commit_buckets": {}, "lag_buckets": {}}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in (f"{_BATCH}_count", f"{_BATCH}_sum", f"{_COMMIT}_count",
-                               f"{_COMMIT}_sum", "kmsd_raft_commit_index",
-                               "kmsd_raft_is_leader"):
+                               f"{_COMMIT}_sum", f"{_LAG}_count", f"{_LAG}_sum",
+                               "kmsd_raft_commit_index", "kmsd_raft_is_leader"):
                 found[sample.name] = sample.value
             elif sample.name == f"{_COMMIT}_bucket":
                 found["commit_buckets"][float(sample.labels["le"])] = sample.value
+            elif sample.name == f"{_LAG}_bucket":
+                found["lag_buckets"][float(sample.labels["le"])] = sample.value
     return found
 
 
@@ -77,7 +82,9 @@ def node_rows(before: list[dict[str, Any]], after: list[dict[str, Any]],
 
         batches = delta(f"{_BATCH}_count")
         commits = delta(f"{_COMMIT}_count")
+        lags = delta(f"{_LAG}_count")
         p90 = bucket_quantile(old["commit_buckets"], new["commit_buckets"], 0.9)
+        lag_p90 = bucket_quantile(old["lag_buckets"], new["lag_buckets"], 0.9)
         rows.append({
             "node": f"node-{index}",
             "role": "leader" if new.get("kmsd_raft_is_leader") == 1 else "follower",
@@ -87,6 +94,8 @@ def node_rows(before: list[dict[str, Any]], after: list[dict[str, Any]],
             "commit_mean_ms": delta(f"{_COMMIT}_sum") / commits * 1000 if commits else None,
             "commit_p90_at_most_ms": None if p90 is None else p90 * 1000,
             "entries_per_s": delta("kmsd_raft_commit_index") / seconds,
+            "loop_lag_mean_ms": delta(f"{_LAG}_sum") / lags * 1000 if lags else None,
+            "loop_lag_p90_at_most_ms": None if lag_p90 is None else lag_p90 * 1000,
         })
     return rows
 
@@ -129,14 +138,17 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"c={level['concurrency']}: {level['rps']:,.0f} req/s, "
                      f"{level['errors']} errors")
         lines.append(f"  {'node':<8} {'role':<9} {'batches':>8} {'records/batch':>14} "
-                     f"{'commit mean ms':>15} {'p90 <= ms':>10} {'entries/s':>10}")
+                     f"{'commit mean ms':>15} {'p90 <= ms':>10} {'entries/s':>10} "
+                     f"{'loop lag mean ms':>17} {'p90 <= ms':>10}")
         for row in level["nodes"]:
             size = row["records_per_batch"]
             lines.append(f"  {row['node']:<8} {row['role']:<9} {row['batches']:>8} "
                          f"{'–' if size is None else f'{size:.1f}':>14} "
                          f"{_ms(row['commit_mean_ms']):>15} "
                          f"{_ms(row['commit_p90_at_most_ms']):>10} "
-                         f"{row['entries_per_s']:>10.0f}")
+                         f"{row['entries_per_s']:>10.0f} "
+                         f"{_ms(row['loop_lag_mean_ms']):>17} "
+                         f"{_ms(row['loop_lag_p90_at_most_ms']):>10}")
     return "\n".join(lines)
 
 

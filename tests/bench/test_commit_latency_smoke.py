@@ -40,4 +40,5 @@ def test_commit_latency_reports_the_batches_the_load_committed(tmp_path) -> None
         assert row["commit_mean_ms"] > 0
         assert row["commit_p90_at_most_ms"] > 0
         assert row["entries_per_s"] > 0
+        assert row["loop_lag_mean_ms"] is not None and row["loop_lag_mean_ms"] >= 0
     assert "c=8:" in done.stdout and "leader" in done.stdout
