@@ -555,6 +555,14 @@ def now_stamp() -> tuple[str, str]:
     return now.strftime("%Y-%m-%d"), now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def print_and_save(result: dict[str, Any], text: str, json_path: str | None) -> None:
+    """A benchmark's table on stdout and, when asked for, its whole result as JSON."""
+    print(text)
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump(result, handle, indent=1)
+
+
 def median(values: Sequence[float | None]) -> float | None:
     present = sorted(v for v in values if v is not None)
     if not present:

@@ -24,7 +24,6 @@ It reports, it never asserts. The machine is shared: compare figures of one run.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -160,10 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     result = run(args)
-    print(table(result))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=1)
+    benchlib.print_and_save(result, table(result), args.json)
     return 0
 
 

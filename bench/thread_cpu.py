@@ -18,7 +18,6 @@ is named and the others go by /proc/<pid>/task/<tid>/comm.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -170,10 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     result = run(args)
-    print(table(result))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=1)
+    benchlib.print_and_save(result, table(result), args.json)
     return 0
 
 

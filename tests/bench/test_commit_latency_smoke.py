@@ -10,9 +10,8 @@ import sys
 
 import pytest
 
-from tests.bench.test_bench_smoke import _ensure_wrk
+from tests.bench.test_bench_smoke import REPO, _ensure_wrk
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMIT_LATENCY = os.path.join(REPO, "bench", "commit_latency.py")
 
 
