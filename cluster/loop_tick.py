@@ -39,14 +39,13 @@ class LoopPoller(Poller):
     def __init__(self, loop: asyncio.AbstractEventLoop, on_event: Callable[[], None]) -> None:
         self._loop = loop
         self._on_event = on_event
-        self._callbacks: dict[int, Callable[[int, int], None]] = {}
-        self._masks: dict[int, int] = {}
+        # descriptor -> (its callback, the events it is watched for)
+        self._watched: dict[int, tuple[Callable[[int, int], None], int]] = {}
 
     def subscribe(self, descr: int, callback: Callable[[int, int], None],
                   eventMask: int) -> None:  # noqa: N803 - pysyncobj's name
-        self._callbacks[descr] = callback
-        before = self._masks.get(descr, 0)
-        self._masks[descr] = eventMask
+        before = self._watched.get(descr, (callback, 0))[1]
+        self._watched[descr] = (callback, eventMask)
         # Errors show as readiness (poll reports POLLERR with POLLIN/POLLOUT); the
         # connection finds them on its next read, write or SO_ERROR check.
         if eventMask & _READ and not before & _READ:
@@ -59,8 +58,7 @@ class LoopPoller(Poller):
             self._loop.remove_writer(descr)
 
     def unsubscribe(self, descr: int) -> None:
-        mask = self._masks.pop(descr, 0)
-        self._callbacks.pop(descr, None)
+        _callback, mask = self._watched.pop(descr, (None, 0))
         try:
             if mask & _READ:
                 self._loop.remove_reader(descr)
@@ -77,13 +75,13 @@ class LoopPoller(Poller):
         del timeout  # the loop waits for events; a tick only runs what is due
 
     def _ready(self, descr: int, event: int) -> None:
-        callback = self._callbacks.get(descr)
-        if callback is not None:
-            callback(descr, event)
+        watched = self._watched.get(descr)
+        if watched is not None:
+            watched[0](descr, event)
         self._on_event()
 
     def close(self) -> None:
-        for descr in list(self._masks):
+        for descr in list(self._watched):
             self.unsubscribe(descr)
 
 
