@@ -35,6 +35,9 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(BENCH_DIR)
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
@@ -553,6 +556,15 @@ def versions() -> dict[str, Any]:
 def now_stamp() -> tuple[str, str]:
     now = dt.datetime.now(dt.UTC)
     return now.strftime("%Y-%m-%d"), now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def metric_samples(endpoint: str, timeout: float = 5.0) -> list[Sample]:
+    """Every sample of a kmsd node's /metrics (prometheus_client's parser: counters are
+    named with `_total`, histograms as `_bucket`, `_sum` and `_count`)."""
+    with urllib.request.urlopen(endpoint + "/metrics", timeout=timeout) as answer:
+        text = answer.read().decode()
+    return [sample for family in text_string_to_metric_families(text)
+            for sample in family.samples]
 
 
 def print_and_save(result: dict[str, Any], text: str, json_path: str | None) -> None:

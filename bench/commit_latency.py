@@ -27,13 +27,11 @@ import argparse
 import shutil
 import sys
 import tempfile
-import urllib.request
 from typing import Any
 
 import benchlib
 import decrypt
 from benchlib import Processes
-from prometheus_client.parser import text_string_to_metric_families
 
 _BATCH = "kmsd_audit_batch_size"
 _COMMIT = "kmsd_audit_commit_duration_seconds"
@@ -42,19 +40,16 @@ _LAG = "kmsd_event_loop_lag_seconds"
 
 def read_metrics(endpoint: str) -> dict[str, Any]:
     """The figures this benchmark differences, from one node's /metrics."""
-    with urllib.request.urlopen(endpoint + "/metrics", timeout=5) as answer:
-        text = answer.read().decode()
     found: dict[str, Any] = {"commit_buckets": {}, "lag_buckets": {}}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in (f"{_BATCH}_count", f"{_BATCH}_sum", f"{_COMMIT}_count",
-                               f"{_COMMIT}_sum", f"{_LAG}_count", f"{_LAG}_sum",
-                               "kmsd_raft_commit_index", "kmsd_raft_is_leader"):
-                found[sample.name] = sample.value
-            elif sample.name == f"{_COMMIT}_bucket":
-                found["commit_buckets"][float(sample.labels["le"])] = sample.value
-            elif sample.name == f"{_LAG}_bucket":
-                found["lag_buckets"][float(sample.labels["le"])] = sample.value
+    for sample in benchlib.metric_samples(endpoint):
+        if sample.name in (f"{_BATCH}_count", f"{_BATCH}_sum", f"{_COMMIT}_count",
+                           f"{_COMMIT}_sum", f"{_LAG}_count", f"{_LAG}_sum",
+                           "kmsd_raft_commit_index", "kmsd_raft_is_leader"):
+            found[sample.name] = sample.value
+        elif sample.name == f"{_COMMIT}_bucket":
+            found["commit_buckets"][float(sample.labels["le"])] = sample.value
+        elif sample.name == f"{_LAG}_bucket":
+            found["lag_buckets"][float(sample.labels["le"])] = sample.value
     return found
 
 

@@ -283,29 +283,15 @@ def cache_counters(cluster: benchlib.KmsdCluster) -> list[tuple[int, int]]:
     for endpoint in cluster.endpoints:
         hits = misses = 0
         try:
-            text = fetch_text(endpoint + "/metrics")
-            if text:
-                for line in text.splitlines():
-                    if line.startswith("#") or "cache" not in line:
-                        continue
-                    name, _, value = line.rpartition(" ")
-                    if not name.split("{")[0].endswith("_total"):
-                        continue  # e.g. the *_created timestamps
-                    if "hit" in name:
-                        hits += int(float(value))
-                    elif "miss" in name:
-                        misses += int(float(value))
+            for sample in benchlib.metric_samples(endpoint, timeout=10):
+                if sample.name == "kmsd_hsm_handle_cache_hits_total":
+                    hits += int(sample.value)
+                elif sample.name == "kmsd_hsm_handle_cache_misses_total":
+                    misses += int(sample.value)
         except OSError:
             pass
         out.append((hits, misses))
     return out
-
-
-def fetch_text(url: str) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read().decode()
 
 
 # -- the run --------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from typing import Any
 
 import benchlib
@@ -90,12 +89,10 @@ def per_thread(before: dict[int, dict[int, tuple[float, float]]],
 
 def _is_leader(endpoint: str) -> bool:
     try:
-        with urllib.request.urlopen(endpoint + "/metrics", timeout=5) as answer:
-            text = answer.read().decode()
+        samples = benchlib.metric_samples(endpoint)
     except OSError:
         return False
-    return any(line.startswith("kmsd_raft_is_leader ") and float(line.split()[1]) == 1
-               for line in text.splitlines())
+    return any(s.name == "kmsd_raft_is_leader" and s.value == 1 for s in samples)
 
 
 def _roles(node_pids: list[int], endpoints: list[str]) -> dict[int, str]:
