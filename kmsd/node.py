@@ -344,6 +344,7 @@ class Node:
         self.effects.loop = self._loop
         self.asymmetric.start()
         self.raft.start()
+        self.loop_lag.start(self._loop)  # the loop now runs the Raft ticks too
         # With API workers the primary leaves the API port to them: it keeps its CPU for
         # what only it does (Raft, the audit chain and its files, the admin API), which
         # every worker's requests wait on.
@@ -356,7 +357,6 @@ class Node:
             runners.insert(0, (web.ServerRunner(self.api_server()), self.config.api_listen))
         # Before listening: from then on requests come, and their garbage must not freeze.
         self.metrics.gc_pauses.install()
-        self.loop_lag.start(self._loop)
         gc_pauses.freeze_heap()
         for runner, listen in runners:
             await runner.setup()
