@@ -13,8 +13,9 @@ from pysyncobj import syncobj as pysyncobj_syncobj
 from pysyncobj.poller import POLL_EVENT_TYPE, PollPoller
 
 from cluster import commands, loop_tick
-from cluster.raft_node import RaftNode, RaftSettings
+from cluster.raft_node import RaftNode
 from cluster.state import KmsState
+from tests.unit.cluster.single_member import settings, wait_until
 
 READ, WRITE = POLL_EVENT_TYPE.READ, POLL_EVENT_TYPE.WRITE
 
@@ -144,24 +145,16 @@ def test_a_failing_tick_is_logged_and_the_next_one_still_runs(caplog) -> None:
     assert any("raft tick failed" in record.getMessage() for record in caplog.records)
 
 
-def _settings(tmp_path, port: int) -> RaftSettings:
-    return RaftSettings(self_address=f"127.0.0.1:{port}", peer_addresses=(),
-                        data_dir=str(tmp_path), password="test-secret")
-
-
 def test_a_member_applies_on_the_loop_thread_and_starts_no_thread(tmp_path) -> None:
     async def scenario() -> None:
         loop_thread = threading.get_ident()
         applied_on: list[int] = []
         before = set(threading.enumerate())
-        node = RaftNode(_settings(tmp_path, 21780), KmsState(),
+        node = RaftNode(settings(tmp_path, 21780), KmsState(),
                         lambda _command, _result: applied_on.append(threading.get_ident()))
         node.start()
         try:
-            deadline = time.monotonic() + 20
-            while not node.is_leader:
-                assert time.monotonic() < deadline, "a single member elects itself"
-                await asyncio.sleep(0.05)
+            await wait_until(lambda: node.is_leader, 20, "a single member elects itself")
             for _ in range(5):
                 await node.submit(commands.Barrier(), timeout=10)
             assert applied_on and set(applied_on) == {loop_thread}
@@ -177,7 +170,7 @@ def test_a_taken_raft_port_fails_the_start_at_once(tmp_path) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
             taken.bind(("127.0.0.1", 21781))
             taken.listen()
-            node = RaftNode(_settings(tmp_path, 21781), KmsState())
+            node = RaftNode(settings(tmp_path, 21781), KmsState())
             started = time.monotonic()
             with pytest.raises(OSError, match="cannot listen for Raft on 127.0.0.1:21781"):
                 node.start()
