@@ -78,10 +78,9 @@ def add_audit_routes(app: web.Application, core: ServiceCore, sink: SegmentSink,
         limit = min(_int(request.query.get("limit"), "limit", 100), 1000)
 
         def collect() -> list[dict[str, Any]]:
-            wanted = (r for r in read_records(sink.directory) if r.seq > after)
             return [{"seq": r.seq, "hash": r.hash, "prev_hash": r.prev_hash, "node": r.node,
                      "revoked": r.revoked, "event": r.event}
-                    for r in itertools.islice(wanted, limit)]
+                    for r in itertools.islice(read_records(sink.directory, after), limit)]
 
         return respond({"Records": await off_loop(collect)})
 

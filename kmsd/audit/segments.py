@@ -124,14 +124,96 @@ def _unterminated(body: bytes, file: str, line: int) -> ScannedRecord | TornTail
                          file=file, line=line)
 
 
-def scan_directory(directory: str | os.PathLike[str]) -> Iterator[ScannedRecord | TornTail]:
+def _line_seq(line: bytes) -> int | None:
+    """The seq a canonical line ends with (`,"seq":N}`), read without parsing the rest; None
+    if the line does not end like one."""
+    _, found, tail = line.rstrip(b"\n").rpartition(b',"seq":')
+    digits = tail[:-1]
+    if not found or not tail.endswith(b"}") or not digits.isdigit() or len(digits) > 16:
+        return None
+    return int(digits)
+
+
+def _line_start(f: IO[bytes], position: int) -> int:
+    """Where the first line that starts at or after `position` starts."""
+    if position == 0:
+        return 0
+    f.seek(position - 1)
+    f.readline()
+    return f.tell()
+
+
+def _first_offset_after(f: IO[bytes], after: int) -> int:
+    """Byte offset of the first line of a segment whose seq is above `after`.
+
+    Lines are in seq order and each ends with its seq, so this bisects over byte positions and
+    reads one line per probe: a page of `read_records(after=...)` costs the same at the end of
+    a 64 MiB segment as at its start. A probed line that does not end with a seq (damage)
+    gives 0: the file is then read from its start and the damage reported where it is.
+    """
+    size = f.seek(0, os.SEEK_END)
+    low, high = 0, size  # the smallest position whose line is above `after`, or the end
+    while low < high:
+        middle = (low + high) // 2
+        f.seek(_line_start(f, middle))
+        line = f.readline()
+        if not line.endswith(b"\n"):  # the end, or a torn final line: nothing after it
+            high = middle
+            continue
+        seq = _line_seq(line)
+        if seq is None:
+            return 0
+        if seq > after:
+            high = middle
+        else:
+            low = middle + 1
+    return _line_start(f, low)
+
+
+def _lines_before(f: IO[bytes], offset: int) -> int:
+    f.seek(0)
+    count = 0
+    while offset > 0:
+        chunk = f.read(min(offset, 1 << 20))
+        if not chunk:
+            break
+        count += chunk.count(b"\n")
+        offset -= len(chunk)
+    return count
+
+
+def _first_segment_after(segments: list[Path], after: int) -> int:
+    """Index of the segment holding the record after `after`: the last whose first seq is at
+    most `after + 1` (segment names carry their first seq)."""
+    index = 0
+    for i, path in enumerate(segments):
+        match = _SEGMENT_NAME.fullmatch(path.name)
+        if match is None or int(match.group(1)) > after + 1:
+            break
+        index = i
+    return index
+
+
+def scan_directory(directory: str | os.PathLike[str], after: int = 0
+                   ) -> Iterator[ScannedRecord | TornTail]:
     """Every line of every segment in order, as a record or a defect; a torn final line of the
-    last segment ends the scan as a `TornTail`."""
+    last segment ends the scan as a `TornTail`.
+
+    With `after`, the scan starts at the line of the first record above that seq (found from
+    the segment names and by bisection, see `_first_offset_after`), not at the first record.
+    """
     segments = list_segments(directory)
-    for index, path in enumerate(segments):
+    first = _first_segment_after(segments, after) if after > 0 else 0
+    for index in range(first, len(segments)):
+        path = segments[index]
         last_segment = index == len(segments) - 1
         with path.open("rb") as f:
-            for number, raw in enumerate(f, start=1):
+            start_line = 1
+            if index == first and after > 0:
+                offset = _first_offset_after(f, after)
+                start_line += _lines_before(f, offset)
+                f.seek(offset)
+            for number, raw in enumerate(f, start=start_line):
                 if raw.endswith(b"\n"):
                     yield _parse_line(raw[:-1], path.name, number)
                 elif last_segment:
@@ -151,26 +233,31 @@ class RecordReader(Iterator[ChainedRecord]):
     not check the chain: that is `verify_directory`.
     """
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], after: int = 0) -> None:
         self.torn: TornTail | None = None
-        self._items = scan_directory(directory)
+        self._after = after
+        self._items = scan_directory(directory, after)
 
     def __iter__(self) -> RecordReader:
         return self
 
     def __next__(self) -> ChainedRecord:
-        item = next(self._items)
-        if isinstance(item, TornTail):
-            self.torn = item
-            raise StopIteration
-        if item.record is None:
-            raise CorruptSegmentError(item.file or "", item.line or 0,
-                                      item.defect or Problem.MALFORMED, item.detail)
-        return item.record
+        while True:
+            item = next(self._items)
+            if isinstance(item, TornTail):
+                self.torn = item
+                raise StopIteration
+            if item.record is None:
+                raise CorruptSegmentError(item.file or "", item.line or 0,
+                                          item.defect or Problem.MALFORMED, item.detail)
+            # The scan may start earlier than asked (a damaged line stops the bisection).
+            if item.record.seq > self._after:
+                return item.record
 
 
-def read_records(directory: str | os.PathLike[str]) -> RecordReader:
-    return RecordReader(directory)
+def read_records(directory: str | os.PathLike[str], after: int = 0) -> RecordReader:
+    """The records in order; with `after`, from the first above that seq (a page of a tail)."""
+    return RecordReader(directory, after)
 
 
 def verify_directory(directory: str | os.PathLike[str], *,

@@ -105,6 +105,67 @@ def test_reading_spans_segments(pristine: tuple[Path, AuditChain, list[ChainedRe
     assert result.torn is None
 
 
+@pytest.fixture(scope="module")
+def one_big_segment(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
+                                                                        list[ChainedRecord]]:
+    directory = tmp_path_factory.mktemp("big")
+    _, records = chained(300)
+    with SegmentWriter(directory) as writer:
+        writer.append(records)
+    assert len(list_segments(directory)) == 1
+    return directory, records
+
+
+@settings(max_examples=60, deadline=None)
+@given(after=st.integers(0, N + 2))
+def test_reading_after_a_seq_across_segments(
+        pristine: tuple[Path, AuditChain, list[ChainedRecord]], after: int) -> None:
+    directory, _, records = pristine
+    assert list(read_records(directory, after)) == records[after:]
+
+
+@settings(max_examples=80, deadline=None)
+@given(after=st.integers(0, 302))
+def test_reading_after_a_seq_within_one_segment(
+        one_big_segment: tuple[Path, list[ChainedRecord]], after: int) -> None:
+    directory, records = one_big_segment
+    assert list(read_records(directory, after)) == records[after:]
+
+
+def test_a_page_at_the_end_parses_only_what_it_returns(
+        one_big_segment: tuple[Path, list[ChainedRecord]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    directory, records = one_big_segment
+    parsed = []
+    parse = segments._parse_line
+    monkeypatch.setattr(segments, "_parse_line",
+                        lambda body, file, line: parsed.append(line) or parse(body, file, line))
+    assert list(read_records(directory, 295)) == records[295:]
+    assert parsed == [296, 297, 298, 299, 300]
+
+
+def test_reading_after_a_seq_names_damage_by_its_line(copy: Path) -> None:
+    names = layout(copy)
+    target = 9  # a record in a later segment, not its first line
+    file, line = names[target]
+    path = copy / file
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[line - 1] = lines[line - 1].replace(b'"eventName":', b'"eventname":', 1)
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(CorruptSegmentError) as raised:
+        list(read_records(copy, target - 1))
+    assert (raised.value.file, raised.value.line) == (file, line)
+    assert [r.seq for r in read_records(copy, target + 1)] == list(range(target + 2, N + 1))
+
+
+def test_reading_after_a_seq_stops_at_a_torn_tail(copy: Path) -> None:
+    last = list_segments(copy)[-1]
+    last.write_bytes(last.read_bytes()[:-20])
+    reader = read_records(copy, N - 3)
+    assert [r.seq for r in reader] == [N - 2, N - 1]
+    assert reader.torn is not None and reader.torn.file == last.name
+
+
 def test_one_fsync_per_file_written_per_append(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     _, records = chained(6)
