@@ -1,6 +1,7 @@
 """pysyncobj's SyncObj with a Raft safety hole of the pinned 0.3.17 closed,
-one wasted tick of a single-member cluster removed, and its messages protected
-by the encryptor the caller gives (cluster/raft_wire.py) instead of Fernet.
+one wasted tick of a single-member cluster removed, a follower's commits two
+messages sooner, and its messages protected by the encryptor the caller gives
+(cluster/raft_wire.py) instead of Fernet.
 
 A follower receiving append_entries takes the leader's commit index and moves
 its own to `min(leader_commit, last index of its own log)`. For regular
@@ -35,6 +36,18 @@ this hit the slower follower on about one batch in two: the entry went out
 twice and the follower logged pysyncobj's "truncating already-applied log
 entries" alarm. A late success now never lowers nextIndex; a refusal (reset)
 still does, and that is how a follower that lost a message is caught up.
+
+The follower's own commit: an entry is committed once the leader that made it
+has it on a majority (Raft, section 5.3) -- the fact, not the leader learning
+it. In a cluster of at most three, the leader and one follower are a
+majority, so a follower holding an entry of the current term, which only its
+current leader can have sent, knows that entry and all before it committed
+as soon as it appends them. It moves its commit index there itself and
+applies, instead of waiting for its acknowledgement to reach the leader and
+the leader's next message to bring the commit index back: two of the four
+messages between a follower's request and its audit record's commit (an
+entry of an earlier term is left to the leader's commit index, as Raft
+requires; a larger cluster needs more than these two, so it waits as before).
 
 The encryptor: pysyncobj builds a Fernet from `conf.password` and its transport
 reads it back through the `encryptor` property, for every connection it makes
@@ -87,8 +100,12 @@ class GuardedSyncObj(SyncObj):
         if kind == "next_node_idx":
             self._on_next_node_idx(node, message)
             return
-        if kind != "append_entries" or "prevLogIdx" in message:
+        if kind != "append_entries":
             super()._SyncObj__onMessageReceived(node, message)  # type: ignore[misc]
+            return
+        if "prevLogIdx" in message:
+            super()._SyncObj__onMessageReceived(node, message)  # type: ignore[misc]
+            self._commit_what_the_leader_and_this_node_hold(message)
             return
         leader_commit = message.get("commit_index", 0)
         held = dict(message, commit_index=self._SyncObj__raftCommitIndex)  # type: ignore[attr-defined]
@@ -101,6 +118,17 @@ class GuardedSyncObj(SyncObj):
             # An installed snapshot is committed state: its index is committed.
             self._SyncObj__raftCommitIndex = applied
             self._SyncObj__raftLog.setRaftCommitIndex(applied)  # type: ignore[attr-defined]
+
+    def _commit_what_the_leader_and_this_node_hold(self, message: dict[str, Any]) -> None:
+        term = self._SyncObj__raftCurrentTerm  # type: ignore[attr-defined]
+        if (len(self._SyncObj__otherNodes) > 2  # type: ignore[attr-defined]
+                or message.get("term") != term or self._isLeader()
+                or self._SyncObj__getCurrentLogTerm() != term):  # type: ignore[attr-defined]
+            return
+        last = self._SyncObj__getCurrentLogIndex()  # type: ignore[attr-defined]
+        if last > self._SyncObj__raftCommitIndex:  # type: ignore[attr-defined]
+            self._SyncObj__raftCommitIndex = last
+            self._SyncObj__raftLog.setRaftCommitIndex(last)  # type: ignore[attr-defined]
 
     def _on_next_node_idx(self, node: Any, message: dict[str, Any]) -> None:
         # A success acknowledges entries up to its index: the leader's nextIndex for

@@ -30,10 +30,10 @@ class _Counter(SyncObjConsumer):
         return self.applied
 
 
-def _follower(cls: type[SyncObj], port: int) -> tuple[SyncObj, _Counter]:
+def _follower(cls: type[SyncObj], port: int, peers: int = 2) -> tuple[SyncObj, _Counter]:
     counter = _Counter()
     conf = SyncObjConf(autoTick=False, password="p", dynamicMembershipChange=True)
-    node = cls(f"127.0.0.1:{port}", [f"127.0.0.1:{port + 1}", f"127.0.0.1:{port + 2}"],
+    node = cls(f"127.0.0.1:{port}", [f"127.0.0.1:{port + i}" for i in range(1, peers + 1)],
                conf=conf, consumers=[counter])
     return node, counter
 
@@ -53,11 +53,14 @@ def _deliver(node: SyncObj, message: dict[str, Any]) -> None:
 def _stale_entries_then_snapshot_start(node: SyncObj, counter: _Counter) -> tuple[int, int]:
     base = node._SyncObj__getCurrentLogIndex()
     base_term = node._SyncObj__getCurrentLogTerm()
-    command = _command_bytes(node, counter)
-    # Term 1: the leader sends two entries and crashes before they are committed.
-    _deliver(node, {"type": "append_entries", "term": 1, "commit_index": base,
-                    "entries": [(command, base + 1, 1), (command, base + 2, 1)],
-                    "prevLogIdx": base, "prevLogTerm": base_term})
+    # Term 1: this node leads, appends two entries (after its no-op) and is cut off before
+    # any peer has them.
+    node._SyncObj__raftCurrentTerm = 1
+    node._SyncObj__onBecomeLeader()
+    counter.increment()
+    counter.increment()
+    node.doTick(0.0)
+    assert node._SyncObj__getCurrentLogIndex() == base + 3
     assert counter.applied == 0
     # Term 2: the new leader committed far beyond, compacted, and starts a snapshot.
     _deliver(node, {"type": "append_entries", "term": 2, "commit_index": base + 50,
@@ -107,6 +110,60 @@ def test_guarded_follower_ignores_snapshot_messages_of_an_older_term(port: int) 
                         "serialized": None})
         assert node.getStatus()["leader_commit_idx"] == base + 50
         assert counter.applied == 0
+    finally:
+        node.destroy()
+
+
+def _entries_from_a_leader_that_has_not_committed(node: SyncObj, counter: _Counter, *,
+                                                   term: int, entry_terms: list[int]) -> int:
+    base = node._SyncObj__getCurrentLogIndex()
+    command = _command_bytes(node, counter)
+    _deliver(node, {"type": "append_entries", "term": term, "commit_index": base,
+                    "entries": [(command, base + i, t) for i, t in enumerate(entry_terms, 1)],
+                    "prevLogIdx": base, "prevLogTerm": node._SyncObj__getCurrentLogTerm()})
+    return base
+
+
+@pytest.mark.parametrize(("cls", "port", "commits"), [
+    (SyncObj, 21880, False), (GuardedSyncObj, 21883, True)])
+def test_a_follower_of_three_commits_entries_of_the_leaders_term_as_they_arrive(
+        cls: type[SyncObj], port: int, commits: bool) -> None:
+    # The leader and this follower hold them: a majority of three.
+    node, counter = _follower(cls, port)
+    try:
+        base = _entries_from_a_leader_that_has_not_committed(node, counter, term=1,
+                                                             entry_terms=[1, 1])
+        assert counter.applied == (2 if commits else 0)
+        assert node.getStatus()["commit_idx"] == (base + 2 if commits else base)
+        assert node.getStatus()["leader_commit_idx"] == base
+    finally:
+        node.destroy()
+
+
+@pytest.mark.parametrize("port", [21886])
+def test_an_entry_of_an_earlier_term_waits_for_one_of_the_leaders_term(port: int) -> None:
+    node, counter = _follower(GuardedSyncObj, port)
+    try:
+        base = _entries_from_a_leader_that_has_not_committed(node, counter, term=2,
+                                                             entry_terms=[1])
+        assert counter.applied == 0
+        assert node.getStatus()["commit_idx"] == base
+        _entries_from_a_leader_that_has_not_committed(node, counter, term=2, entry_terms=[2])
+        assert counter.applied == 2
+    finally:
+        node.destroy()
+
+
+@pytest.mark.parametrize("port", [21890])
+def test_a_follower_of_five_waits_for_the_leaders_commit_index(port: int) -> None:
+    node, counter = _follower(GuardedSyncObj, port, peers=4)
+    try:
+        base = _entries_from_a_leader_that_has_not_committed(node, counter, term=1,
+                                                             entry_terms=[1, 1])
+        assert counter.applied == 0
+        _deliver(node, {"type": "append_entries", "term": 1, "commit_index": base + 1,
+                        "entries": [], "prevLogIdx": base + 2, "prevLogTerm": 1})
+        assert counter.applied == 1
     finally:
         node.destroy()
 
