@@ -1,7 +1,8 @@
 """pysyncobj's SyncObj with a Raft safety hole of the pinned 0.3.17 closed,
 one wasted tick of a single-member cluster removed, a follower's commits two
-messages sooner, and its messages protected by the encryptor the caller gives
-(cluster/raft_wire.py) instead of Fernet.
+messages sooner, resent entries a follower holds left alone, and its messages
+protected by the encryptor the caller gives (cluster/raft_wire.py) instead of
+Fernet.
 
 A follower receiving append_entries takes the leader's commit index and moves
 its own to `min(leader_commit, last index of its own log)`. For regular
@@ -48,6 +49,19 @@ the leader's next message to bring the commit index back: two of the four
 messages between a follower's request and its audit record's commit (an
 entry of an earlier term is left to the leader's commit index, as Raft
 requires; a larger cluster needs more than these two, so it waits as before).
+
+Entries already held: pysyncobj deletes a follower's log after a message's
+prevLogIdx whenever the log is longer, even when the message's entries are the
+ones it holds (Raft deletes only from the first conflict). kmsd's journal
+(cluster/journal.py) keeps the entries that matter, but pysyncobj has by then
+logged its "truncating already-applied log entries" alarm at critical level
+(tens of times in a five-minute chaos run, none of them a loss), and it
+acknowledges only up to the message's end, so the leader sends again what the
+follower kept. The guard drops the leading entries the follower holds (same
+index, same term) before pysyncobj sees the message, so a truncation starts at
+a real conflict; when everything the message carries is held, it answers for
+the entries after it that the sender holds too (those of the sender's term, and
+committed ones). No false alarm, and the acknowledgement covers what is held.
 
 The encryptor: pysyncobj builds a Fernet from `conf.password` and its transport
 reads it back through the `encryptor` property, for every connection it makes
@@ -104,6 +118,7 @@ class GuardedSyncObj(SyncObj):
             super()._SyncObj__onMessageReceived(node, message)  # type: ignore[misc]
             return
         if "prevLogIdx" in message:
+            message = self._without_entries_already_held(message)
             super()._SyncObj__onMessageReceived(node, message)  # type: ignore[misc]
             self._commit_what_the_leader_and_this_node_hold(message)
             return
@@ -118,6 +133,38 @@ class GuardedSyncObj(SyncObj):
             # An installed snapshot is committed state: its index is committed.
             self._SyncObj__raftCommitIndex = applied
             self._SyncObj__raftLog.setRaftCommitIndex(applied)  # type: ignore[attr-defined]
+
+    def _without_entries_already_held(self, message: dict[str, Any]) -> dict[str, Any]:
+        if "transmission" in message:  # an entry sent in parts: pysyncobj's own handling
+            return message
+        held = self._SyncObj__getEntries(message["prevLogIdx"])  # type: ignore[attr-defined]
+        if not held or held[0][2] != message["prevLogTerm"]:
+            return message  # pysyncobj refuses it, and the leader steps back
+        entries = message.get("entries") or []
+        held_terms = {index: term for _command, index, term in held[1:]}
+        skip = 0
+        while skip < len(entries) and held_terms.get(entries[skip][1]) == entries[skip][2]:
+            skip += 1
+        if skip < len(entries):
+            if not skip:
+                return message
+            # pysyncobj truncates from the first entry that is new here: a conflict, or
+            # the end of this log.
+            _command, index, term = entries[skip - 1]
+            return dict(message, prevLogIdx=index, prevLogTerm=term, entries=entries[skip:])
+        # Everything the message carries is here.
+        index = entries[-1][1] if entries else message["prevLogIdx"]
+        term = entries[-1][2] if entries else message["prevLogTerm"]
+        commit = self._SyncObj__raftCommitIndex  # type: ignore[attr-defined]
+        for entry in held[1:]:
+            # Entries after the message that the sender's log holds too, and so everything
+            # before them: one of the sender's term (only the sender made those; Raft's
+            # log matching), or one committed (every later leader holds those).
+            if entry[1] > index and (entry[2] == message["term"] or entry[1] <= commit):
+                _command, index, term = entry
+        # pysyncobj cuts what follows, as before: entries of an earlier term that are not
+        # committed, which this message does not vouch for.
+        return dict(message, prevLogIdx=index, prevLogTerm=term, entries=[])
 
     def _commit_what_the_leader_and_this_node_hold(self, message: dict[str, Any]) -> None:
         term = self._SyncObj__raftCurrentTerm  # type: ignore[attr-defined]

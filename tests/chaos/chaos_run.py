@@ -192,7 +192,8 @@ def _run(options: Options, root: str) -> dict[str, Any]:
 # logged before the journal is asked to truncate; kmsd's journal (cluster/journal.py)
 # keeps committed entries and those of the current term, so applied entries are never
 # dropped and the line alone proves nothing: a real loss shows as an audit divergence or
-# a missing write. Counted, not failed.
+# a missing write. cluster/syncobj_guard.py drops held entries from a message first, so
+# only an entry sent in parts still reaches pysyncobj's truncation. Counted, not failed.
 RAFT_TRUNCATION = "truncating already-applied log entries"
 
 

@@ -9,6 +9,7 @@ snapshot transfer.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -164,6 +165,111 @@ def test_a_follower_of_five_waits_for_the_leaders_commit_index(port: int) -> Non
         _deliver(node, {"type": "append_entries", "term": 1, "commit_index": base + 1,
                         "entries": [], "prevLogIdx": base + 2, "prevLogTerm": 1})
         assert counter.applied == 1
+    finally:
+        node.destroy()
+
+
+def _log(node: SyncObj) -> list[tuple[int, int]]:
+    return [(index, term) for _command, index, term in node._SyncObj__getEntries(1)]
+
+
+def _acks(node: SyncObj) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+    transport = node._SyncObj__transport
+    original = transport.send
+
+    def send(peer: Any, message: dict[str, Any]) -> bool:
+        if message.get("type") == "next_node_idx":
+            sent.append(message)
+        return original(peer, message)
+
+    transport.send = send
+    return sent
+
+
+def _append(node: SyncObj, command: bytes, *, term: int, prev: int, indexes: range,
+            commit: int) -> None:
+    _deliver(node, {"type": "append_entries", "term": term, "commit_index": commit,
+                    "entries": [(command, i, term) for i in indexes],
+                    "prevLogIdx": prev, "prevLogTerm": node._SyncObj__getEntries(prev)[0][2]})
+
+
+@pytest.mark.parametrize(("cls", "port", "truncates"), [
+    (SyncObj, 21895, True), (GuardedSyncObj, 21897, False)])
+def test_a_resent_message_truncates_nothing_the_follower_holds(
+        cls: type[SyncObj], port: int, truncates: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    node, counter = _follower(cls, port)
+    try:
+        acks = _acks(node)
+        base = node._SyncObj__getCurrentLogIndex()
+        command = _command_bytes(node, counter)
+        _append(node, command, term=1, prev=base, indexes=range(base + 1, base + 5),
+                commit=base + 4)
+        assert counter.applied == 4
+        # The leader sends its first two entries again (after a reconnect, say).
+        with caplog.at_level(logging.CRITICAL):
+            _append(node, command, term=1, prev=base, indexes=range(base + 1, base + 3),
+                    commit=base + 4)
+        alarms = [r for r in caplog.records if "truncating already-applied" in r.getMessage()]
+        assert bool(alarms) is truncates
+        assert node._SyncObj__getCurrentLogIndex() == (base + 2 if truncates else base + 4)
+        assert acks[-1]["success"] and acks[-1]["next_node_idx"] == (
+            base + 3 if truncates else base + 5)
+        assert counter.applied == 4
+    finally:
+        node.destroy()
+
+
+@pytest.mark.parametrize(("cls", "port", "truncates"), [
+    (SyncObj, 21794, True), (GuardedSyncObj, 21796, False)])
+def test_a_new_leader_resending_old_entries_truncates_nothing_committed(
+        cls: type[SyncObj], port: int, truncates: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    node, counter = _follower(cls, port)
+    try:
+        acks = _acks(node)
+        base = node._SyncObj__getCurrentLogIndex()
+        command = _command_bytes(node, counter)
+        _append(node, command, term=1, prev=base, indexes=range(base + 1, base + 5),
+                commit=base + 4)
+        assert counter.applied == 4
+        # The leader of term 2 sends part of what the leader of term 1 committed.
+        with caplog.at_level(logging.CRITICAL):
+            _deliver(node, {"type": "append_entries", "term": 2, "commit_index": base + 4,
+                            "entries": [(command, base + 1, 1), (command, base + 2, 1)],
+                            "prevLogIdx": base, "prevLogTerm": node._SyncObj__getEntries(
+                                base)[0][2]})
+        alarms = [r for r in caplog.records if "truncating already-applied" in r.getMessage()]
+        assert bool(alarms) is truncates
+        assert node._SyncObj__getCurrentLogIndex() == (base + 2 if truncates else base + 4)
+        assert acks[-1]["next_node_idx"] == (base + 3 if truncates else base + 5)
+    finally:
+        node.destroy()
+
+
+@pytest.mark.parametrize("port", [21899])
+def test_a_resent_message_appends_only_what_is_new_and_truncates_at_a_conflict(
+        port: int) -> None:
+    node, counter = _follower(GuardedSyncObj, port, peers=4)  # commits only on the leader's word
+    try:
+        acks = _acks(node)
+        base = node._SyncObj__getCurrentLogIndex()
+        command = _command_bytes(node, counter)
+        _append(node, command, term=1, prev=base, indexes=range(base + 1, base + 3),
+                commit=base)
+        # Overlapping: two held, two new.
+        _append(node, command, term=1, prev=base, indexes=range(base + 1, base + 5),
+                commit=base)
+        assert _log(node)[-4:] == [(base + i, 1) for i in range(1, 5)]
+        assert acks[-1]["next_node_idx"] == base + 5
+        # A leader of term 2 holds another entry at base + 3: from there on, this log goes.
+        _deliver(node, {"type": "append_entries", "term": 2, "commit_index": base,
+                        "entries": [(command, base + 2, 1), (command, base + 3, 2)],
+                        "prevLogIdx": base + 1, "prevLogTerm": 1})
+        assert _log(node)[-3:] == [(base + 1, 1), (base + 2, 1), (base + 3, 2)]
+        assert acks[-1]["next_node_idx"] == base + 4
+        assert counter.applied == 0
     finally:
         node.destroy()
 
