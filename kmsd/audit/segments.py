@@ -147,9 +147,10 @@ def _first_offset_after(f: IO[bytes], after: int) -> int:
     """Byte offset of the first line of a segment whose seq is above `after`.
 
     Lines are in seq order and each ends with its seq, so this bisects over byte positions and
-    reads one line per probe: a page of `read_records(after=...)` costs the same at the end of
-    a 64 MiB segment as at its start. A probed line that does not end with a seq (damage)
-    gives 0: the file is then read from its start and the damage reported where it is.
+    reads one line per probe: a page of `read_records(after=...)` parses none of the records
+    before it (only their newlines are counted, for the line numbers of any damage after). A
+    probed line that does not end with a seq (damage) gives 0: the file is then read from its
+    start and the damage reported where it is.
     """
     size = f.seek(0, os.SEEK_END)
     low, high = 0, size  # the smallest position whose line is above `after`, or the end
