@@ -188,17 +188,22 @@ def _acks(node: SyncObj) -> list[dict[str, Any]]:
 
 
 def _append(node: SyncObj, command: bytes, *, term: int, prev: int, indexes: range,
-            commit: int) -> None:
+            commit: int, entry_term: int | None = None) -> None:
+    """Deliver entries at `indexes` (of `entry_term`, by default the message's `term`)."""
+    terms = term if entry_term is None else entry_term
     _deliver(node, {"type": "append_entries", "term": term, "commit_index": commit,
-                    "entries": [(command, i, term) for i in indexes],
+                    "entries": [(command, i, terms) for i in indexes],
                     "prevLogIdx": prev, "prevLogTerm": node._SyncObj__getEntries(prev)[0][2]})
 
 
-@pytest.mark.parametrize(("cls", "port", "truncates"), [
-    (SyncObj, 21895, True), (GuardedSyncObj, 21897, False)])
-def test_a_resent_message_truncates_nothing_the_follower_holds(
-        cls: type[SyncObj], port: int, truncates: bool, caplog: pytest.LogCaptureFixture
-) -> None:
+# The first two of four committed entries of term 1 come again: from the same leader (after
+# a reconnect, say), or from the leader of term 2, which holds what term 1 committed.
+@pytest.mark.parametrize(("cls", "port", "resending_term", "truncates"), [
+    (SyncObj, 21895, 1, True), (GuardedSyncObj, 21897, 1, False),
+    (SyncObj, 21794, 2, True), (GuardedSyncObj, 21796, 2, False)])
+def test_a_resent_message_truncates_nothing_committed_the_follower_holds(
+        cls: type[SyncObj], port: int, resending_term: int, truncates: bool,
+        caplog: pytest.LogCaptureFixture) -> None:
     node, counter = _follower(cls, port)
     try:
         acks = _acks(node)
@@ -207,43 +212,15 @@ def test_a_resent_message_truncates_nothing_the_follower_holds(
         _append(node, command, term=1, prev=base, indexes=range(base + 1, base + 5),
                 commit=base + 4)
         assert counter.applied == 4
-        # The leader sends its first two entries again (after a reconnect, say).
         with caplog.at_level(logging.CRITICAL):
-            _append(node, command, term=1, prev=base, indexes=range(base + 1, base + 3),
-                    commit=base + 4)
+            _append(node, command, term=resending_term, prev=base,
+                    indexes=range(base + 1, base + 3), commit=base + 4, entry_term=1)
         alarms = [r for r in caplog.records if "truncating already-applied" in r.getMessage()]
         assert bool(alarms) is truncates
         assert node._SyncObj__getCurrentLogIndex() == (base + 2 if truncates else base + 4)
         assert acks[-1]["success"] and acks[-1]["next_node_idx"] == (
             base + 3 if truncates else base + 5)
         assert counter.applied == 4
-    finally:
-        node.destroy()
-
-
-@pytest.mark.parametrize(("cls", "port", "truncates"), [
-    (SyncObj, 21794, True), (GuardedSyncObj, 21796, False)])
-def test_a_new_leader_resending_old_entries_truncates_nothing_committed(
-        cls: type[SyncObj], port: int, truncates: bool, caplog: pytest.LogCaptureFixture
-) -> None:
-    node, counter = _follower(cls, port)
-    try:
-        acks = _acks(node)
-        base = node._SyncObj__getCurrentLogIndex()
-        command = _command_bytes(node, counter)
-        _append(node, command, term=1, prev=base, indexes=range(base + 1, base + 5),
-                commit=base + 4)
-        assert counter.applied == 4
-        # The leader of term 2 sends part of what the leader of term 1 committed.
-        with caplog.at_level(logging.CRITICAL):
-            _deliver(node, {"type": "append_entries", "term": 2, "commit_index": base + 4,
-                            "entries": [(command, base + 1, 1), (command, base + 2, 1)],
-                            "prevLogIdx": base, "prevLogTerm": node._SyncObj__getEntries(
-                                base)[0][2]})
-        alarms = [r for r in caplog.records if "truncating already-applied" in r.getMessage()]
-        assert bool(alarms) is truncates
-        assert node._SyncObj__getCurrentLogIndex() == (base + 2 if truncates else base + 4)
-        assert acks[-1]["next_node_idx"] == (base + 3 if truncates else base + 5)
     finally:
         node.destroy()
 
